@@ -1,0 +1,5 @@
+import sys
+
+from fedmask.cli import main
+
+sys.exit(main())

@@ -1,0 +1,192 @@
+"""How a strategy's arrays are coded on the wire.
+
+A strategy exchanges *bodies*: ``dict[str, np.ndarray]`` where each entry names its coding. Both the
+simulator and the MQTT deployment encode bodies with this module, so the bytes a simulation counts are
+the bytes that cross the broker.
+
+Codings
+- ``bits``: a boolean array, bit-packed (1 bit per element, little bit order), then entropy-coded with
+  zlib when that is smaller. A FedMask mask costs at most 1 bit per parameter plus a few header bytes.
+- ``f32`` / ``f16``: little-endian floats.
+- ``topk``: a float32 array sent as (positions, values) of its non-zero entries; positions are
+  delta-coded varints, then zlib. Used by Top-K sparsification.
+- ``i64``: little-endian integers (labels, counts).
+
+A coded array is a msgpack map ``{"c": coding, "s": shape, "z": compressed?, "d": bytes}``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+CODINGS = ("bits", "f32", "f16", "topk", "i64")
+# Hard cap on the elements one array may declare, so a hostile shape cannot make us allocate without bound.
+MAX_ELEMENTS = 1 << 28
+
+
+class CodecError(ValueError):
+    """A coded array that cannot be decoded; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Coded:
+    """An array with the coding it is to travel in."""
+
+    array: np.ndarray
+    coding: str
+
+    def __post_init__(self) -> None:
+        if self.coding not in CODINGS:
+            raise ValueError(f"unknown coding {self.coding!r}; expected one of {CODINGS}")
+
+
+def pack_bits(bits: np.ndarray) -> bytes:
+    """Pack a boolean array into bytes, 8 elements per byte, little bit order (element 0 = bit 0)."""
+    flat = np.ascontiguousarray(bits, dtype=bool).reshape(-1)
+    return np.packbits(flat, bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`; ``count`` elements, padding bits must be zero."""
+    need = (count + 7) // 8
+    if len(data) != need:
+        raise CodecError("wrong_mask_length", f"{len(data)} bytes for {count} bits, expected {need}")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[count:].any():
+        raise CodecError("wrong_mask_length", "non-zero padding bits after the last element")
+    return bits[:count].astype(bool)
+
+
+def _maybe_compress(raw: bytes) -> tuple[bool, bytes]:
+    packed = zlib.compress(raw, 9)
+    return (True, packed) if len(packed) < len(raw) else (False, raw)
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 varints of non-negative integers, vectorised (a Python loop is too slow for 1e6 entries)."""
+    v = values.astype(np.uint64)
+    out_len = np.maximum(1, (np.floor(np.log2(np.maximum(v, 1))).astype(np.int64) // 7) + 1)
+    out = np.empty(int(out_len.sum()), dtype=np.uint8)
+    starts = np.concatenate(([0], np.cumsum(out_len)[:-1]))
+    for k in range(int(out_len.max(initial=1))):
+        active = out_len > k
+        byte = (v[active] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = out_len[active] > k + 1
+        out[starts[active] + k] = (byte | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    return out.tobytes()
+
+
+def _unvarints(data: bytes, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero((raw & 0x80) == 0)
+    if len(ends) != count or (len(raw) and ends[-1] != len(raw) - 1):
+        raise CodecError("bad_array", f"expected {count} varints in {len(raw)} bytes")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max(initial=1) > 9:
+        raise CodecError("bad_array", "varint longer than 9 bytes")
+    values = np.zeros(count, dtype=np.uint64)
+    for k in range(int(lengths.max(initial=1))):
+        active = lengths > k
+        values[active] |= (raw[starts[active] + k].astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * k)
+    return values
+
+
+def encode_array(coded: Coded) -> dict:
+    """Code one array as a msgpack-ready map."""
+    arr = np.asarray(coded.array)
+    shape = list(arr.shape)
+    if coded.coding == "bits":
+        compressed, data = _maybe_compress(pack_bits(arr))
+    elif coded.coding in ("f32", "f16"):
+        dtype = "<f4" if coded.coding == "f32" else "<f2"
+        compressed, data = False, arr.astype(dtype).tobytes()
+    elif coded.coding == "i64":
+        compressed, data = False, arr.astype("<i8").tobytes()
+    else:  # topk
+        flat = arr.reshape(-1).astype("<f4")
+        positions = np.flatnonzero(flat)
+        deltas = np.diff(positions, prepend=0) if len(positions) else positions
+        body = len(positions).to_bytes(4, "little") + flat[positions].tobytes() + _varints(deltas)
+        compressed, data = _maybe_compress(body)
+    return {"c": coded.coding, "s": shape, "z": compressed, "d": data}
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise CodecError("wrong_field_type", f"shape must be a list of non-negative ints, got {shape!r}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count > MAX_ELEMENTS:
+        raise CodecError("oversize", f"array of {count} elements exceeds {MAX_ELEMENTS}")
+    return tuple(shape)
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """zlib-decompress with a size bound (a zip bomb must not exhaust memory)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise CodecError("bad_array", f"corrupt compressed data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise CodecError("oversize", f"decompressed data exceeds the declared {limit} bytes")
+    return out
+
+
+def decode_array(item: object) -> tuple[np.ndarray, str]:
+    """Decode a map made by :func:`encode_array`, validating every field; returns (array, coding)."""
+    if not isinstance(item, dict):
+        raise CodecError("wrong_field_type", f"coded array must be a map, got {type(item).__name__}")
+    coding, shape, compressed, data = item.get("c"), item.get("s"), item.get("z"), item.get("d")
+    if coding not in CODINGS:
+        raise CodecError("bad_array", f"unknown coding {coding!r}")
+    if not isinstance(compressed, bool) or not isinstance(data, bytes):
+        raise CodecError("wrong_field_type", "coded array needs bool 'z' and bytes 'd'")
+    dims = _check_shape(shape)
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if coding == "bits":
+        raw = _inflate(data, (count + 7) // 8) if compressed else data
+        return unpack_bits(raw, count).reshape(dims), coding
+    if coding in ("f32", "f16", "i64"):
+        width = {"f32": 4, "f16": 2, "i64": 8}[coding]
+        if compressed or len(data) != count * width:
+            raise CodecError("wrong_mask_length", f"{len(data)} bytes for {count} {coding} values")
+        dtype = {"f32": "<f4", "f16": "<f2", "i64": "<i8"}[coding]
+        arr = np.frombuffer(data, dtype=dtype).reshape(dims)
+        out = arr.astype(np.float32) if coding != "i64" else arr.astype(np.int64)
+        return out, coding
+    # topk: positions are delta-coded varints after the values
+    body = _inflate(data, 4 + count * (4 + 9)) if compressed else data
+    if len(body) < 4:
+        raise CodecError("bad_array", "top-k body shorter than its header")
+    k = int.from_bytes(body[:4], "little")
+    if k > count or len(body) < 4 + 4 * k:
+        raise CodecError("bad_array", f"top-k declares {k} values for {count} elements")
+    values = np.frombuffer(body[4 : 4 + 4 * k], dtype="<f4")
+    positions = np.cumsum(_unvarints(body[4 + 4 * k :], k)).astype(np.int64) if k else np.zeros(0, np.int64)
+    if k and (positions[-1] >= count or (k > 1 and np.any(np.diff(positions) <= 0))):
+        raise CodecError("bad_array", "top-k positions out of range or not increasing")
+    flat = np.zeros(count, dtype=np.float32)
+    flat[positions] = values
+    return flat.reshape(dims), coding
+
+
+def encode_body(body: Mapping[str, Coded]) -> dict:
+    """Code a strategy body (name → Coded) as a msgpack-ready map."""
+    return {name: encode_array(coded) for name, coded in body.items()}
+
+
+def decode_body(raw: object) -> dict[str, np.ndarray]:
+    """Decode a body map into name → array, validating every entry."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise CodecError("wrong_field_type", "body must be a map from names to coded arrays")
+    return {name: decode_array(item)[0] for name, item in raw.items()}

@@ -1,0 +1,100 @@
+"""One simulation: load the workload, run each strategy on the chosen transport, write the report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from fedmask.simulator.config import SimulationConfig
+from fedmask.simulator.report import write_report
+from fedmask.simulator.results import MethodResult
+from fedmask.strategies import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+
+def task_spec(config: SimulationConfig, strategy: str, arch: str, num_classes: int) -> TaskSpec:
+    hyper: dict[str, Any] = {"local_epochs": config.local_epochs, **config.hyper.get(strategy, {})}
+    return TaskSpec(
+        strategy=strategy,
+        arch=arch,
+        num_classes=num_classes,
+        seed=config.seed,
+        arch_kwargs=dict(config.arch_kwargs),
+        mask_config=dict(config.mask_config),
+        hyper=hyper,
+    )
+
+
+class ProgressBar:
+    """One tqdm bar per strategy on stderr; silent when stderr is not a terminal unless forced."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+
+    def __call__(self, strategy: str, round_no: int, total: int, stats: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.desc != strategy:
+            self.close()
+            self.bar = tqdm(total=total, desc=strategy, unit="round", disable=not self.enabled, file=sys.stderr)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if v is not None})
+        if not self.enabled:
+            logger.info("%s round %d/%d %s", strategy, round_no, total, stats)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_simulation(config: SimulationConfig, progress: bool | None = None) -> dict[str, Any]:
+    from fedmask.datasets import WORKLOADS, load_workload
+
+    t0 = time.perf_counter()
+    data = load_workload(
+        config.dataset,
+        config.data_root,
+        partition=config.partition,
+        num_devices=config.devices,
+        seed=config.seed,
+        **config.dataset_kwargs,
+    )
+    arch = config.arch or WORKLOADS[config.dataset].arch
+    logger.info(
+        "loaded %s (%s): %d devices in %.1fs", config.dataset, data.partition, len(data.devices), time.perf_counter() - t0
+    )
+    bar = ProgressBar(progress)
+    methods: dict[str, MethodResult] = {}
+    try:
+        for strategy in config.strategies:
+            spec = task_spec(config, strategy, arch, data.num_classes)
+            if config.transport == "inproc":
+                from fedmask.simulator.inproc import InProcessRun
+
+                methods[strategy] = InProcessRun(config, data, spec).run(bar)
+            elif config.transport == "mqtt":
+                from fedmask.simulator.mqtt import MqttRun
+
+                methods[strategy] = MqttRun(config, data, spec).run(bar)
+            else:
+                raise ValueError(f"unknown transport {config.transport!r}; choose inproc or mqtt")
+    finally:
+        bar.close()
+    header = {
+        "dataset": config.dataset,
+        "partition": data.partition,
+        "devices": len(data.devices),
+        "rounds": config.rounds,
+        "devices_per_round": config.devices_per_round or len(data.devices),
+        "local_epochs": config.local_epochs,
+        "arch": arch,
+        "seed": config.seed,
+        "transport": config.transport,
+        "config": config.to_dict(),
+    }
+    return write_report(config.output_dir, header, methods)
