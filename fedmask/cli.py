@@ -14,6 +14,7 @@ from fedmask.config import ConfigError, resolve
 # Components that contribute subcommands, in the order `--help` lists them.
 COMPONENTS = (
     "fedmask.simulator.cli",
+    "fedmask.datasets.cli",
     "fedmask.aggregator.cli",
     "fedmask.device_agent.cli",
     "fedmask.storage.cli",

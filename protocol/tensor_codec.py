@@ -13,6 +13,11 @@ Codings
 - ``i64``: little-endian integers (labels, counts).
 
 A coded array is a msgpack map ``{"c": coding, "s": shape, "z": compressed?, "d": bytes}``.
+
+Decoding never trusts a declared size: shapes are checked (in Python integers, so they cannot wrap)
+against ``max_elements`` before anything is allocated, and compressed data is inflated only up to the
+size its shape implies. Callers that know the model should pass its parameter count as
+``max_elements``; the default only stops absurd shapes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import numpy as np
 CODINGS = ("bits", "f32", "f16", "topk", "i64")
 # Hard cap on the elements one array may declare, so a hostile shape cannot make us allocate without bound.
 MAX_ELEMENTS = 1 << 28
+# numpy refuses more than 64 dimensions; no layer needs more than a handful.
+MAX_DIMS = 32
 
 
 class CodecError(ValueError):
@@ -47,6 +54,16 @@ class Coded:
     def __post_init__(self) -> None:
         if self.coding not in CODINGS:
             raise ValueError(f"unknown coding {self.coding!r}; expected one of {CODINGS}")
+
+    def __eq__(self, other: object) -> bool:
+        # The generated __eq__ compares arrays with ``==`` and raises for more than one element.
+        if not isinstance(other, Coded):
+            return NotImplemented
+        return (
+            self.coding == other.coding
+            and np.shape(self.array) == np.shape(other.array)
+            and bool(np.array_equal(self.array, other.array))
+        )
 
 
 def pack_bits(bits: np.ndarray) -> bytes:
@@ -88,8 +105,10 @@ def _varints(values: np.ndarray) -> bytes:
 def _unvarints(data: bytes, count: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero((raw & 0x80) == 0)
-    if len(ends) != count or (len(raw) and ends[-1] != len(raw) - 1):
+    if len(ends) != count or (len(raw) and (not len(ends) or ends[-1] != len(raw) - 1)):
         raise CodecError("bad_array", f"expected {count} varints in {len(raw)} bytes")
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
     if lengths.max(initial=1) > 9:
@@ -121,13 +140,20 @@ def encode_array(coded: Coded) -> dict:
     return {"c": coded.coding, "s": shape, "z": compressed, "d": data}
 
 
-def _check_shape(shape: object) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+def _check_shape(shape: object, max_elements: int) -> tuple[tuple[int, ...], int]:
+    """Validate a declared shape; returns (dims, element count). Python ints, so nothing wraps."""
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
         raise CodecError("wrong_field_type", f"shape must be a list of non-negative ints, got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count > MAX_ELEMENTS:
-        raise CodecError("oversize", f"array of {count} elements exceeds {MAX_ELEMENTS}")
-    return tuple(shape)
+    if len(shape) > MAX_DIMS:
+        raise CodecError("bad_array", f"shape has {len(shape)} dimensions, at most {MAX_DIMS} allowed")
+    count = 1
+    for n in shape:
+        count *= n
+        if count > max_elements:
+            raise CodecError("oversize", f"shape {shape} exceeds the limit of {max_elements} elements")
+    return tuple(shape), count
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -139,20 +165,27 @@ def _inflate(data: bytes, limit: int) -> bytes:
         raise CodecError("bad_array", f"corrupt compressed data ({exc})") from exc
     if len(out) > limit or inflater.unconsumed_tail:
         raise CodecError("oversize", f"decompressed data exceeds the declared {limit} bytes")
+    # A truncated stream inflates without error; only ``eof`` proves the whole stream (and its
+    # Adler-32 check) was there.
+    if not inflater.eof or inflater.unused_data:
+        raise CodecError("bad_array", "compressed data is truncated or has trailing bytes")
     return out
 
 
-def decode_array(item: object) -> tuple[np.ndarray, str]:
-    """Decode a map made by :func:`encode_array`, validating every field; returns (array, coding)."""
+def decode_array(item: object, *, max_elements: int = MAX_ELEMENTS) -> tuple[np.ndarray, str]:
+    """Decode a map made by :func:`encode_array`, validating every field; returns (array, coding).
+
+    An array declaring more than ``max_elements`` elements is refused (``oversize``) before any
+    allocation.
+    """
     if not isinstance(item, dict):
         raise CodecError("wrong_field_type", f"coded array must be a map, got {type(item).__name__}")
     coding, shape, compressed, data = item.get("c"), item.get("s"), item.get("z"), item.get("d")
-    if coding not in CODINGS:
+    if not isinstance(coding, str) or coding not in CODINGS:
         raise CodecError("bad_array", f"unknown coding {coding!r}")
     if not isinstance(compressed, bool) or not isinstance(data, bytes):
         raise CodecError("wrong_field_type", "coded array needs bool 'z' and bytes 'd'")
-    dims = _check_shape(shape)
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    dims, count = _check_shape(shape, min(max_elements, MAX_ELEMENTS))
     if coding == "bits":
         raw = _inflate(data, (count + 7) // 8) if compressed else data
         return unpack_bits(raw, count).reshape(dims), coding
@@ -172,8 +205,12 @@ def decode_array(item: object) -> tuple[np.ndarray, str]:
     if k > count or len(body) < 4 + 4 * k:
         raise CodecError("bad_array", f"top-k declares {k} values for {count} elements")
     values = np.frombuffer(body[4 : 4 + 4 * k], dtype="<f4")
-    positions = np.cumsum(_unvarints(body[4 + 4 * k :], k)).astype(np.int64) if k else np.zeros(0, np.int64)
-    if k and (positions[-1] >= count or (k > 1 and np.any(np.diff(positions) <= 0))):
+    deltas = _unvarints(body[4 + 4 * k :], k)
+    # Check the deltas before summing them: each below ``count`` keeps the sum far from overflowing.
+    if k and (deltas.max() >= count or (k > 1 and not deltas[1:].all())):
+        raise CodecError("bad_array", "top-k positions out of range or not increasing")
+    positions = np.cumsum(deltas).astype(np.int64)
+    if k and positions[-1] >= count:
         raise CodecError("bad_array", "top-k positions out of range or not increasing")
     flat = np.zeros(count, dtype=np.float32)
     flat[positions] = values
@@ -185,8 +222,31 @@ def encode_body(body: Mapping[str, Coded]) -> dict:
     return {name: encode_array(coded) for name, coded in body.items()}
 
 
-def decode_body(raw: object) -> dict[str, np.ndarray]:
-    """Decode a body map into name → array, validating every entry."""
+def decode_coded_body(raw: object, *, max_elements: int = MAX_ELEMENTS) -> dict[str, Coded]:
+    """Decode a body map into name → :class:`Coded` (array plus the coding it travelled in).
+
+    ``max_elements`` bounds the elements of the whole body, not of each entry.
+    """
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise CodecError("wrong_field_type", "body must be a map from names to coded arrays")
-    return {name: decode_array(item)[0] for name, item in raw.items()}
+    out: dict[str, Coded] = {}
+    budget = max_elements
+    for name, item in raw.items():
+        try:
+            array, coding = decode_array(item, max_elements=budget)
+        except CodecError as exc:
+            raise CodecError(exc.reason, f"body entry {name!r}: {exc.detail}") from exc
+        budget -= array.size
+        out[name] = Coded(array, coding)
+    return out
+
+
+def decode_body(raw: object, *, max_elements: int = MAX_ELEMENTS) -> dict[str, np.ndarray]:
+    """Decode a body map into name → array, validating every entry.
+
+    Entries that are already :class:`Coded` (the body of a message returned by
+    ``protocol.messages.decode``) are passed through as their arrays.
+    """
+    if isinstance(raw, dict) and raw and all(isinstance(v, Coded) for v in raw.values()):
+        return {name: coded.array for name, coded in raw.items()}
+    return {name: coded.array for name, coded in decode_coded_body(raw, max_elements=max_elements).items()}

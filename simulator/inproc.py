@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedmask.datasets import FederatedDataset
+from fedmask.datasets.federated import FederatedDataset
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import wire_size
-from fedmask.protocol.tensor_codec import decode_body
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
 from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
@@ -26,6 +25,11 @@ from fedmask.strategies.training import derive_seed
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, dict], None]
+
+
+def arrays(body: Body | None) -> dict[str, np.ndarray] | None:
+    """A decoded message body as the arrays a strategy half consumes."""
+    return None if body is None else {name: coded.array for name, coded in body.items()}
 
 
 def select_devices(device_ids: list[str], per_round: int | None, seed: int, round_no: int) -> list[str]:
@@ -62,7 +66,7 @@ class InProcessRun:
         )
         payload = messages.encode(announcement)
         decoded = messages.decode(payload, messages.RoundAnnouncement)
-        return payload, (decode_body(decoded.body) if decoded.body is not None else None)
+        return payload, arrays(decoded.body)
 
     def run(self, progress: Progress | None = None) -> MethodResult:
         cfg, spec = self.config, self.spec
@@ -101,7 +105,7 @@ class InProcessRun:
                 timings["encode"] += time.perf_counter() - t
                 updates.append(
                     ClientUpdate(
-                        device_id=received.device, body=decode_body(received.body), num_samples=received.num_samples
+                        device_id=received.device, body=arrays(received.body), num_samples=received.num_samples
                     )
                 )
                 losses.append(fit.metrics.get("loss"))

@@ -34,12 +34,14 @@ class ProgressBar:
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.bar = None
+        self.strategy: str | None = None
 
     def __call__(self, strategy: str, round_no: int, total: int, stats: dict) -> None:
         from tqdm import tqdm
 
-        if self.bar is None or self.bar.desc != strategy:
+        if self.bar is None or self.strategy != strategy:
             self.close()
+            self.strategy = strategy
             self.bar = tqdm(total=total, desc=strategy, unit="round", disable=not self.enabled, file=sys.stderr)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if v is not None})
@@ -53,7 +55,7 @@ class ProgressBar:
 
 
 def run_simulation(config: SimulationConfig, progress: bool | None = None) -> dict[str, Any]:
-    from fedmask.datasets import WORKLOADS, load_workload
+    from fedmask.datasets.workloads import WORKLOADS, load_workload
 
     t0 = time.perf_counter()
     data = load_workload(
@@ -64,7 +66,7 @@ def run_simulation(config: SimulationConfig, progress: bool | None = None) -> di
         seed=config.seed,
         **config.dataset_kwargs,
     )
-    arch = config.arch or WORKLOADS[config.dataset].arch
+    arch = config.arch or WORKLOADS[config.dataset].architecture
     logger.info(
         "loaded %s (%s): %d devices in %.1fs", config.dataset, data.partition, len(data.devices), time.perf_counter() - t0
     )

@@ -4,4 +4,5 @@ pytest_plugins = (
     "fixtures.data",
     "fixtures.broker",
     "fixtures.database",
+    "fixtures.model_inputs",
 )

@@ -1,0 +1,147 @@
+"""`fedmask broker ...`: run mosquitto with the project's configuration, and manage broker accounts.
+
+    fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
+    fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
+    fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from fedmask.config import ConfigError, add_option
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "broker",
+        help="run the MQTT broker with the project's config; add device accounts",
+        description="Mosquitto configuration (dev, test, production with TLS and ACL) and broker accounts.",
+    )
+    actions = parser.add_subparsers(dest="broker_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda _args: _print_help(parser))
+
+    device = actions.add_parser(
+        "add-device",
+        help="add or update a device account and write its credentials file",
+        description="Add DEVICE to the mosquitto password file (created if missing) with a random "
+        "password, and write DEVICE:PASSWORD to a mode-0600 credentials file for the agent's "
+        "--credentials. A running broker rereads the password file on SIGHUP.",
+    )
+    _add_account_options(device)
+    device.add_argument("--device", required=True, metavar="ID", help="device id, which is also the MQTT username")
+    device.set_defaults(handler=_add_device)
+
+    service = actions.add_parser(
+        "add-service-user",
+        help="add or update the aggregator (or health-probe) account",
+        description="Like add-device, for the accounts with their own ACL rules.",
+    )
+    _add_account_options(service)
+    service.add_argument(
+        "--user", choices=["aggregator", "health"], default="aggregator", help="account (default: aggregator)"
+    )
+    service.set_defaults(handler=_add_service_user)
+
+    run = actions.add_parser(
+        "run",
+        help="run mosquitto in the foreground with one of the project's configs",
+        description="Run mosquitto in the foreground. dev: loopback, anonymous (development only). "
+        "test: the test template with --passwd and the project ACL. production: TLS, password "
+        "file and ACL at the paths in production.conf. FILE: any mosquitto config.",
+    )
+    add_option(
+        run,
+        "--config",
+        dest="mosquitto_config",
+        default="dev",
+        metavar="dev|test|production|FILE",
+        help="which mosquitto configuration",
+    )
+    add_option(run, "--port", dest="broker_port", type=int, metavar="N", help="move the first listener to port N")
+    add_option(run, "--passwd", metavar="FILE", help="password file for --config test")
+    add_option(
+        run,
+        "--data-dir",
+        default="runs/mosquitto",
+        metavar="DIR",
+        help="persistence and generated config for --config test",
+    )
+    run.add_argument("--dry-run", action="store_true", help="print the effective config and command; do not run")
+    run.set_defaults(handler=_run)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _add_account_options(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--passwd", metavar="FILE", help="mosquitto password file to create or update")
+    parser.add_argument(
+        "--out", metavar="CREDENTIALS_FILE", help="where to write USER:PASSWORD (default: next to --passwd)"
+    )
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin instead of generating one",
+    )
+
+
+def _account_password(args: argparse.Namespace) -> str | None:
+    if not args.password_stdin:
+        return None
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _require_passwd(args: argparse.Namespace) -> str:
+    if not args.passwd:
+        raise ConfigError("--passwd FILE is required (or FEDMASK_PASSWD / `passwd:` in the config file)")
+    return args.passwd
+
+
+def _add_device(args: argparse.Namespace) -> int:
+    from fedmask.broker_config.credentials import CredentialsError, add_device, default_credentials_path
+
+    passwd = _require_passwd(args)
+    try:
+        add_device(passwd, args.device, _account_password(args), credentials_file=args.out)
+    except CredentialsError as exc:
+        raise ConfigError(str(exc)) from exc
+    out = args.out or default_credentials_path(passwd, args.device)
+    print(f"{args.device}: account in {passwd}, credentials in {out} (mode 0600)")
+    print("a running mosquitto picks the account up after SIGHUP (systemctl reload mosquitto)")
+    return 0
+
+
+def _add_service_user(args: argparse.Namespace) -> int:
+    from fedmask.broker_config.credentials import CredentialsError, add_service_user, default_credentials_path
+
+    passwd = _require_passwd(args)
+    try:
+        add_service_user(passwd, args.user, _account_password(args), credentials_file=args.out)
+    except CredentialsError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"{args.user}: account in {passwd}, credentials in {args.out or default_credentials_path(passwd, args.user)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedmask.broker_config.runner import MosquittoLaunch, prepare_launch, run_foreground
+
+    try:
+        launch: MosquittoLaunch = prepare_launch(
+            args.mosquitto_config, port=args.broker_port, passwd=args.passwd, data_dir=args.data_dir
+        )
+    except ValueError as exc:  # ConfigFileError, bad port: the user's input
+        raise ConfigError(str(exc)) from exc
+    if args.dry_run:
+        print(f"# command: {' '.join(launch.command)}")
+        print(launch.config_text, end="")
+        return 0
+    return run_foreground(launch)

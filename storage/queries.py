@@ -1,0 +1,287 @@
+"""Read-side queries, each a function of an open connection (the Store supplies the transaction).
+
+Counts per round or device are correlated subqueries over the indexed foreign keys, so a query on
+one task or fleet touches only that task's or fleet's rows, however many rounds the store holds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from fedmask.storage.blobs import read_blob
+from fedmask.storage.errors import StorageError
+from fedmask.storage.records import (
+    AggregateInfo,
+    DeviceInfo,
+    ExportFormat,
+    ModelInfo,
+    RejectionInfo,
+    RoundDetail,
+    RoundInfo,
+    RoundSummary,
+    UpdateSummary,
+)
+from fedmask.storage.schema import (
+    Aggregate,
+    Blob,
+    Device,
+    Fleet,
+    PersonalizedModel,
+    Rejection,
+    Round,
+    Task,
+    Update,
+)
+from sqlalchemy import BigInteger, ColumnElement, Connection, cast, func, select
+
+# Which stored file each export format is.
+EXPORT_COLUMNS = {
+    "tflite": PersonalizedModel.tflite_sha256,
+    "torch": PersonalizedModel.weights_sha256,
+    "mask": PersonalizedModel.mask_sha256,
+}
+
+
+def fleet_pk(connection: Connection, fleet: str) -> int:
+    pk = connection.scalar(select(Fleet.id).where(Fleet.name == fleet))
+    if pk is None:
+        known = connection.scalars(select(Fleet.name).order_by(Fleet.name)).all()
+        raise StorageError(f"unknown fleet {fleet!r}; the store knows {_listing(known)}")
+    return pk
+
+
+def task_pk(connection: Connection, task_id: str) -> int:
+    pk = connection.scalar(select(Task.id).where(Task.task_id == task_id))
+    if pk is None:
+        known = connection.scalars(select(Task.task_id).order_by(Task.task_id)).all()
+        raise StorageError(f"unknown task {task_id!r}; the store knows {_listing(known)}")
+    return pk
+
+
+def round_infos(
+    connection: Connection, task_pk: int, task_id: str, condition: ColumnElement[bool]
+) -> list[RoundInfo]:
+    """Rounds of one task matching ``condition``, oldest first, with their participants."""
+    rounds = connection.execute(
+        select(
+            Round.id,
+            Round.round_no,
+            Round.state,
+            Round.quorum,
+            Round.deadline,
+            Round.opened_at,
+            Round.closed_at,
+            Round.closed_by,
+        )
+        .where(Round.task_pk == task_pk, condition)
+        .order_by(Round.round_no)
+    ).all()
+    if not rounds:
+        return []
+    participants: dict[int, list[str]] = defaultdict(list)
+    for round_pk, device_id in connection.execute(
+        select(Update.round_pk, Device.device_id)
+        .join(Device, Device.id == Update.device_pk)
+        .where(Update.round_pk.in_([r.id for r in rounds]))
+        .order_by(Update.id)
+    ):
+        participants[round_pk].append(device_id)
+    return [
+        RoundInfo(
+            round_no=r.round_no,
+            state=r.state,
+            quorum=r.quorum,
+            deadline=r.deadline,
+            opened_at=r.opened_at,
+            closed_at=r.closed_at,
+            closed_by=r.closed_by,
+            participants=participants[r.id],
+            task_id=task_id,
+        )
+        for r in rounds
+    ]
+
+
+def list_devices(connection: Connection, fleet: str | None) -> list[DeviceInfo]:
+    updates = select(func.count()).where(Update.device_pk == Device.id).scalar_subquery()
+    query = (
+        select(
+            Fleet.name,
+            Device.device_id,
+            Device.presence,
+            Device.presence_at,
+            Device.first_seen_at,
+            Device.last_seen_at,
+            updates.label("updates"),
+            Device.capabilities,
+        )
+        .join(Fleet, Fleet.id == Device.fleet_pk)
+        .order_by(Fleet.name, Device.device_id)
+    )
+    if fleet is not None:
+        query = query.where(Device.fleet_pk == fleet_pk(connection, fleet))
+    return [DeviceInfo(*row) for row in connection.execute(query)]
+
+
+def list_rounds(connection: Connection, fleet: str | None, task_id: str | None) -> list[RoundSummary]:
+    of_round = Update.round_pk == Round.id
+    participants = select(func.count()).where(of_round).scalar_subquery()
+    # PostgreSQL sums BIGINT as NUMERIC; cast back so both engines return int.
+    total = cast(func.coalesce(func.sum(Update.payload_bytes), 0), BigInteger)
+    payload_bytes = select(total).where(of_round).scalar_subquery()
+    rejections = (
+        select(func.count())
+        .where(Rejection.task_id == Task.task_id, Rejection.round_no == Round.round_no)
+        .scalar_subquery()
+    )
+    query = (
+        select(
+            Fleet.name,
+            Task.task_id,
+            Round.round_no,
+            Round.state,
+            Round.quorum,
+            participants,
+            rejections,
+            payload_bytes,
+            Round.opened_at,
+            Round.deadline,
+            Round.closed_at,
+            Round.closed_by,
+        )
+        .join(Task, Task.id == Round.task_pk)
+        .join(Fleet, Fleet.id == Task.fleet_pk)
+        .order_by(Fleet.name, Task.task_id, Round.round_no)
+    )
+    if fleet is not None:
+        query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
+    if task_id is not None:
+        query = query.where(Round.task_pk == task_pk(connection, task_id))
+    return [
+        RoundSummary(
+            *row,
+            duration_s=None if row.closed_at is None else (row.closed_at - row.opened_at).total_seconds(),
+        )
+        for row in connection.execute(query)
+    ]
+
+
+def round_detail(connection: Connection, task_id: str, round_no: int) -> RoundDetail | None:
+    pk = task_pk(connection, task_id)
+    found = round_infos(connection, pk, task_id, Round.round_no == round_no)
+    if not found:
+        return None
+    round_pk = connection.scalar(select(Round.id).where(Round.task_pk == pk, Round.round_no == round_no))
+    updates = [
+        UpdateSummary(*row[:7], bool(row[7]), *row[8:])
+        for row in connection.execute(
+            select(
+                Device.device_id,
+                Update.base_round,
+                Update.staleness,
+                Update.weight,
+                Update.num_samples,
+                Update.payload_bytes,
+                Update.payload_sha256,
+                Blob.data.is_(None),
+                Update.metrics,
+                Update.received_at,
+            )
+            .join(Device, Device.id == Update.device_pk)
+            .join(Blob, Blob.sha256 == Update.payload_sha256)
+            .where(Update.round_pk == round_pk)
+            .order_by(Update.id)
+        )
+    ]
+    rejections = [
+        RejectionInfo(*row)
+        for row in connection.execute(
+            select(
+                Rejection.reason,
+                Rejection.detail,
+                Rejection.task_id,
+                Rejection.round_no,
+                Rejection.device_id,
+                Rejection.topic,
+                Rejection.payload_size,
+                Rejection.received_at,
+            )
+            .where(Rejection.task_id == task_id, Rejection.round_no == round_no)
+            .order_by(Rejection.id)
+        )
+    ]
+    aggregate_row = connection.execute(
+        select(
+            Aggregate.payload_sha256, Aggregate.payload_bytes, Aggregate.num_updates, Aggregate.created_at
+        ).where(Aggregate.round_pk == round_pk)
+    ).one_or_none()
+    fleet = connection.scalar(select(Fleet.name).join(Task, Task.fleet_pk == Fleet.id).where(Task.id == pk))
+    return RoundDetail(
+        fleet=fleet,
+        round=found[0],
+        updates=updates,
+        rejections=rejections,
+        aggregate=None if aggregate_row is None else AggregateInfo(*aggregate_row),
+    )
+
+
+def list_models(
+    connection: Connection, fleet: str | None, task_id: str | None, min_accuracy: float | None
+) -> list[ModelInfo]:
+    query = (
+        select(
+            Fleet.name,
+            Task.task_id,
+            Device.device_id,
+            PersonalizedModel.accuracy,
+            PersonalizedModel.latency_ms,
+            PersonalizedModel.size_bytes,
+            PersonalizedModel.peak_rss_bytes,
+            PersonalizedModel.metrics,
+            PersonalizedModel.created_at,
+            PersonalizedModel.tflite_sha256,
+            PersonalizedModel.weights_sha256,
+            PersonalizedModel.mask_sha256,
+        )
+        .join(Task, Task.id == PersonalizedModel.task_pk)
+        .join(Fleet, Fleet.id == Task.fleet_pk)
+        .join(Device, Device.id == PersonalizedModel.device_pk)
+        .order_by(PersonalizedModel.accuracy.desc(), Fleet.name, Task.task_id, Device.device_id)
+    )
+    if fleet is not None:
+        query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
+    if task_id is not None:
+        query = query.where(PersonalizedModel.task_pk == task_pk(connection, task_id))
+    if min_accuracy is not None:
+        query = query.where(PersonalizedModel.accuracy >= min_accuracy)
+    return [ModelInfo(*row) for row in connection.execute(query)]
+
+
+def export_model(connection: Connection, device_id: str, fmt: ExportFormat, task_id: str | None) -> bytes:
+    """The stored bytes of one file of a device's personalized model (most recent task by default)."""
+    query = (
+        select(EXPORT_COLUMNS[fmt], Task.task_id)
+        .join(Task, Task.id == PersonalizedModel.task_pk)
+        .join(Device, Device.id == PersonalizedModel.device_pk)
+        .where(Device.device_id == device_id)
+        .order_by(PersonalizedModel.created_at.desc(), PersonalizedModel.id.desc())
+        .limit(1)
+    )
+    if task_id is not None:
+        query = query.where(PersonalizedModel.task_pk == task_pk(connection, task_id))
+    row = connection.execute(query).one_or_none()
+    if row is None:
+        scope = f" in task {task_id!r}" if task_id is not None else ""
+        raise StorageError(f"no personalized model stored for device {device_id!r}{scope}")
+    digest, found_task = row
+    return read_blob(
+        connection, digest, f"{fmt} file of device {device_id!r}'s model for task {found_task!r}"
+    )
+
+
+def _listing(names: list[Any]) -> str:
+    if not names:
+        return "none yet"
+    shown = ", ".join(repr(n) for n in names[:10])
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")

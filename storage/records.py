@@ -1,0 +1,133 @@
+"""What the store hands back: plain, immutable dataclasses, detached from any database session."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ExportFormat = Literal["tflite", "torch", "mask"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = ("tflite", "torch", "mask")
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """An accepted update as the aggregator needs it to rebuild a round; ``payload`` is integrity-checked."""
+
+    device_id: str
+    base_round: int
+    staleness: int
+    weight: float
+    num_samples: int
+    payload: bytes = field(repr=False)
+    metrics: dict[str, Any]
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """A round's state; ``participants`` are the devices whose updates were accepted, in arrival order."""
+
+    round_no: int
+    state: Literal["open", "closed"]
+    quorum: int
+    deadline: dt.datetime
+    opened_at: dt.datetime
+    closed_at: dt.datetime | None
+    closed_by: str | None
+    participants: list[str]
+    task_id: str
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    fleet: str
+    device_id: str
+    presence: str | None
+    presence_at: dt.datetime | None
+    first_seen_at: dt.datetime
+    last_seen_at: dt.datetime
+    updates: int  # accepted updates over all rounds
+    capabilities: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    fleet: str
+    task_id: str
+    round_no: int
+    state: str
+    quorum: int
+    participants: int
+    rejections: int
+    payload_bytes: int  # total over the accepted updates
+    opened_at: dt.datetime
+    deadline: dt.datetime
+    closed_at: dt.datetime | None
+    closed_by: str | None
+    duration_s: float | None  # opening to closing; None while open
+
+
+@dataclass(frozen=True)
+class UpdateSummary:
+    """An accepted update's metadata (no payload bytes)."""
+
+    device_id: str
+    base_round: int
+    staleness: int
+    weight: float
+    num_samples: int
+    payload_bytes: int
+    payload_sha256: str
+    payload_pruned: bool
+    metrics: dict[str, Any]
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RejectionInfo:
+    reason: str
+    detail: str
+    task_id: str | None
+    round_no: int | None
+    device_id: str | None
+    topic: str | None
+    payload_size: int | None
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AggregateInfo:
+    sha256: str
+    size_bytes: int
+    num_updates: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RoundDetail:
+    """One round in full: who sent what, what was refused and why, and what it closed with."""
+
+    fleet: str
+    round: RoundInfo
+    updates: list[UpdateSummary]
+    rejections: list[RejectionInfo]
+    aggregate: AggregateInfo | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A personalized model's scores and where its files are (blob digests); no file bytes."""
+
+    fleet: str
+    task_id: str
+    device_id: str
+    accuracy: float
+    latency_ms: float
+    size_bytes: int
+    peak_rss_bytes: int
+    metrics: dict[str, Any]
+    created_at: dt.datetime
+    tflite_sha256: str
+    weights_sha256: str
+    mask_sha256: str

@@ -1,0 +1,608 @@
+"""The store: the aggregator's durable write path, its resume reads, and the operators' queries.
+
+Durability contract with the aggregator
+- ``record_update`` commits before it returns, so the aggregator acknowledges the MQTT message only
+  after the update is on disk; a crash before the commit means the broker redelivers it.
+- Writes are idempotent by (task, round, device): a redelivered update returns False and changes nothing.
+- On restart, ``latest_round`` and ``accepted_updates`` give back the open round's exact state.
+
+One transaction per call; large bytes go to the content-addressed ``blobs`` table once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedmask.storage import housekeeping, migrate, queries, validation
+from fedmask.storage.blobs import put_blob, read_blob, sha256_hex, verified
+from fedmask.storage.dialect import insert_for
+from fedmask.storage.engine import make_engine, normalize_url, read_transaction, write_transaction
+from fedmask.storage.errors import RoundClosedError, StorageError
+from fedmask.storage.records import (
+    EXPORT_FORMATS,
+    DeviceInfo,
+    ExportFormat,
+    ModelInfo,
+    RoundDetail,
+    RoundInfo,
+    RoundSummary,
+    StoredUpdate,
+)
+from fedmask.storage.schema import (
+    CLOSED_BY,
+    Aggregate,
+    Blob,
+    Device,
+    Fleet,
+    PersonalizedModel,
+    Rejection,
+    Round,
+    Task,
+    Update,
+)
+from fedmask.storage.types import require_utc, utcnow
+from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy.engine import URL
+
+logger = logging.getLogger(__name__)
+
+# A rejection's detail is for humans; a hostile message must not make us store megabytes of it.
+MAX_REJECTION_DETAIL = 2000
+# Rows fetched per batch while streaming a round's payloads.
+_STREAM_BATCH = 16
+
+
+@dataclass(frozen=True)
+class _TaskRef:
+    pk: int
+    fleet_pk: int
+
+
+class _AlreadyStored(Exception):
+    """Raised inside a write transaction to roll it back when a concurrent writer stored the same update."""
+
+
+class Store:
+    """A SQLite or PostgreSQL database holding fleets, rounds, updates and personalized models.
+
+    ``Store("sqlite:///fedmask.db")`` or ``Store("postgresql+psycopg://user@host/db")``. Safe to share
+    between threads; several processes may write to the same database at once.
+    """
+
+    def __init__(self, url: str | URL, *, sqlite_synchronous: str = "FULL") -> None:
+        self.url = normalize_url(url)
+        self._engine = make_engine(self.url, sqlite_synchronous=sqlite_synchronous)
+        # Row ids never change once assigned (nothing deletes fleets, tasks or devices): cache them to
+        # keep lookups off the write path.
+        self._fleet_pks: dict[str, int] = {}
+        self._tasks: dict[str, _TaskRef] = {}
+        self._device_pks: dict[tuple[int, str], int] = {}
+
+    def __repr__(self) -> str:
+        return f"Store({self.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for tools and tests that need raw SQL; the store's API is the contract."""
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self._engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Migrate the database to the newest schema; idempotent and safe for concurrent starters."""
+        migrate.upgrade(self._engine)
+
+    def check_schema(self) -> None:
+        """Raise StorageError unless the database is at the schema this code expects."""
+        with read_transaction(self._engine) as connection:
+            current = migrate.current_revision(connection)
+        head = migrate.head_revision()
+        if current != head:
+            where = self.url.render_as_string(hide_password=True)
+            found = "no fedmask schema" if current is None else f"schema revision {current}"
+            raise StorageError(f"database {where} has {found}, expected {head}; run `fedmask db upgrade`")
+
+    # -- fleets, tasks, devices ----------------------------------------------------------------------
+
+    def register_task(
+        self,
+        fleet: str,
+        task_id: str,
+        *,
+        spec: dict[str, Any],
+        seed: int,
+        weights_digest: str,
+        strategy: str,
+        arch: str,
+    ) -> None:
+        """Record a task (and its fleet, if new). Registering the same task again is a no-op; the same
+        task id with a different fleet, seed, digest, strategy, arch or spec is refused."""
+        values = {
+            "task_id": validation.name(task_id, "task_id"),
+            "spec": validation.json_document(spec, "spec"),
+            "seed": validation.integer(seed, "seed"),
+            "weights_digest": validation.name(weights_digest, "weights_digest"),
+            "strategy": validation.name(strategy, "strategy", 64),
+            "arch": validation.name(arch, "arch"),
+        }
+        validation.name(fleet, "fleet")
+        now = utcnow()
+        with write_transaction(self._engine) as connection:
+            values["fleet_pk"] = self._fleet_pk(connection, fleet, now)
+            connection.execute(
+                insert_for(connection, Task)
+                .values(**values, created_at=now)
+                .on_conflict_do_nothing(index_elements=[Task.task_id])
+            )
+            stored = connection.execute(
+                select(*(getattr(Task, key) for key in values)).where(Task.task_id == task_id)
+            ).one()
+            differing = [key for key in values if getattr(stored, key) != values[key]]
+            if differing:
+                raise StorageError(
+                    f"task {task_id!r} is already registered with a different {', '.join(differing)}; "
+                    "a task id names one set of frozen weights for good, so register a new task id"
+                )
+
+    def upsert_device(
+        self,
+        fleet: str,
+        device_id: str,
+        *,
+        capabilities: dict[str, Any] | None = None,
+        presence: str | None = None,
+        seen_at: dt.datetime | None = None,
+    ) -> None:
+        """Create or refresh a device. ``seen_at`` (default now) only ever moves last-seen forward; the
+        presence observed latest wins, so a late-delivered old presence message cannot overwrite it."""
+        validation.name(fleet, "fleet")
+        validation.name(device_id, "device_id")
+        if capabilities is not None:
+            capabilities = validation.json_document(capabilities, "capabilities")
+        if presence is not None:
+            validation.name(presence, "presence", 32)
+        seen = utcnow() if seen_at is None else require_utc(seen_at, "seen_at")
+        with write_transaction(self._engine) as connection:
+            fleet_pk = self._fleet_pk(connection, fleet, seen)
+            insert = insert_for(connection, Device).values(
+                fleet_pk=fleet_pk,
+                device_id=device_id,
+                capabilities=capabilities,
+                presence=presence,
+                presence_at=seen if presence is not None else None,
+                first_seen_at=seen,
+                last_seen_at=seen,
+            )
+            new = insert.excluded
+            changes: dict[str, Any] = {
+                "first_seen_at": _earlier(Device.first_seen_at, new.first_seen_at),
+                "last_seen_at": _later(Device.last_seen_at, new.last_seen_at),
+            }
+            if capabilities is not None:
+                changes["capabilities"] = new.capabilities
+            if presence is not None:
+                newer = Device.presence_at.is_(None) | (Device.presence_at <= new.presence_at)
+                changes["presence"] = case((newer, new.presence), else_=Device.presence)
+                changes["presence_at"] = case((newer, new.presence_at), else_=Device.presence_at)
+            connection.execute(
+                insert.on_conflict_do_update(index_elements=[Device.fleet_pk, Device.device_id], set_=changes)
+            )
+
+    # -- rounds and updates --------------------------------------------------------------------------
+
+    def open_round(self, task_id: str, round_no: int, *, quorum: int, deadline: dt.datetime) -> None:
+        """Open round ``round_no`` of a task; opening it again is a no-op (the first quorum and deadline
+        stay)."""
+        validation.integer(round_no, "round_no", minimum=0)
+        validation.integer(quorum, "quorum", minimum=1)
+        deadline = require_utc(deadline, "deadline")
+        now = utcnow()
+        with write_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            connection.execute(
+                insert_for(connection, Round)
+                .values(
+                    task_pk=task.pk,
+                    round_no=round_no,
+                    state="open",
+                    quorum=quorum,
+                    deadline=deadline,
+                    opened_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=[Round.task_pk, Round.round_no])
+            )
+
+    def record_update(
+        self,
+        task_id: str,
+        round_no: int,
+        device_id: str,
+        *,
+        base_round: int,
+        staleness: int,
+        weight: float,
+        num_samples: int,
+        payload: bytes,
+        metrics: dict[str, Any],
+    ) -> bool:
+        """Store an accepted update and commit before returning True.
+
+        Returns False, changing nothing, when (task, round, device) is already stored: the broker
+        redelivered it. Raises RoundClosedError for a new update to a closed round. A device not seen
+        before is registered in the task's fleet: an update is proof it exists.
+        """
+        validation.name(device_id, "device_id")
+        values = {
+            "base_round": validation.integer(base_round, "base_round", minimum=0),
+            "staleness": validation.integer(staleness, "staleness", minimum=0),
+            "weight": validation.finite(weight, "weight", minimum=0.0),
+            "num_samples": validation.integer(num_samples, "num_samples", minimum=0),
+            "metrics": validation.json_document(metrics, "metrics"),
+        }
+        payload = validation.as_bytes(payload, "payload")
+        now = utcnow()
+        try:
+            with write_transaction(self._engine) as connection:
+                task = self._task(connection, task_id)
+                # A shared lock on the round: concurrent updates proceed, close_round waits for them.
+                round_row = connection.execute(
+                    select(Round.id, Round.state)
+                    .where(Round.task_pk == task.pk, Round.round_no == round_no)
+                    .with_for_update(read=True)
+                ).one_or_none()
+                if round_row is None:
+                    raise StorageError(f"task {task_id!r} has no round {round_no}; open_round() it first")
+                device_pk = self._device_pk(connection, task.fleet_pk, device_id, now)
+                already = select(Update.id).where(
+                    Update.round_pk == round_row.id, Update.device_pk == device_pk
+                )
+                if connection.execute(already).first() is not None:
+                    return False
+                if round_row.state != "open":
+                    raise RoundClosedError(f"round {round_no} of task {task_id!r} is closed; update refused")
+                digest = put_blob(connection, payload, now)
+                # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING.
+                inserted = connection.execute(
+                    insert_for(connection, Update)
+                    .values(
+                        round_pk=round_row.id,
+                        device_pk=device_pk,
+                        payload_sha256=digest,
+                        payload_bytes=len(payload),
+                        received_at=now,
+                        **values,
+                    )
+                    .on_conflict_do_nothing(index_elements=[Update.round_pk, Update.device_pk])
+                    .returning(Update.id)
+                ).first()
+                if inserted is None:  # a concurrent delivery of the same update committed first
+                    raise _AlreadyStored
+                connection.execute(
+                    update(Device)
+                    .where(Device.id == device_pk, Device.last_seen_at < now)
+                    .values(last_seen_at=now)
+                )
+        except _AlreadyStored:
+            return False
+        return True
+
+    def record_rejection(
+        self,
+        fleet: str,
+        *,
+        reason: str,
+        detail: str,
+        task_id: str | None = None,
+        round_no: int | None = None,
+        device_id: str | None = None,
+        topic: str | None = None,
+        payload_size: int | None = None,
+    ) -> None:
+        """Record a refused message. Task, round and device are whatever the message claimed, if anything;
+        they need not exist (an unknown device is itself a reason to refuse)."""
+        validation.name(fleet, "fleet")
+        validation.name(reason, "reason", 64)
+        if not isinstance(detail, str):
+            raise TypeError(f"detail: expected a string, got {type(detail).__name__}")
+        now = utcnow()
+        with write_transaction(self._engine) as connection:
+            connection.execute(
+                insert_for(connection, Rejection).values(
+                    fleet_pk=self._fleet_pk(connection, fleet, now),
+                    reason=reason,
+                    detail=detail[:MAX_REJECTION_DETAIL],
+                    task_id=None if task_id is None else str(task_id)[:128],
+                    round_no=round_no,
+                    device_id=None if device_id is None else str(device_id)[:128],
+                    topic=None if topic is None else str(topic)[:512],
+                    payload_size=payload_size,
+                    received_at=now,
+                )
+            )
+
+    def accepted_updates(self, task_id: str, round_no: int) -> list[StoredUpdate]:
+        """Every accepted update of a round, in arrival order, payloads integrity-checked."""
+        return list(self.iter_accepted_updates(task_id, round_no))
+
+    def iter_accepted_updates(self, task_id: str, round_no: int) -> Iterator[StoredUpdate]:
+        """Like :meth:`accepted_updates`, streaming: a few payloads in memory at a time."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            rows = connection.execution_options(stream_results=True, yield_per=_STREAM_BATCH).execute(
+                select(
+                    Device.device_id,
+                    Update.base_round,
+                    Update.staleness,
+                    Update.weight,
+                    Update.num_samples,
+                    Update.payload_sha256,
+                    Blob.data,
+                    Update.metrics,
+                    Update.received_at,
+                )
+                .join(Round, Round.id == Update.round_pk)
+                .join(Device, Device.id == Update.device_pk)
+                .join(Blob, Blob.sha256 == Update.payload_sha256)
+                .where(Round.task_pk == task.pk, Round.round_no == round_no)
+                .order_by(Update.id)
+            )
+            for row in rows:
+                owner = f"update of device {row.device_id!r}, round {round_no} of task {task_id!r}"
+                yield StoredUpdate(
+                    device_id=row.device_id,
+                    base_round=row.base_round,
+                    staleness=row.staleness,
+                    weight=row.weight,
+                    num_samples=row.num_samples,
+                    payload=verified(row.payload_sha256, row.data, owner),
+                    metrics=row.metrics,
+                    received_at=row.received_at,
+                )
+
+    def close_round(
+        self, task_id: str, round_no: int, *, aggregate: bytes, closed_by: Literal["quorum", "deadline"]
+    ) -> None:
+        """Close a round with its aggregate. Idempotent: once closed, the first aggregate stays (a later
+        call with different bytes is logged and ignored, so competing closers agree on one)."""
+        if closed_by not in CLOSED_BY:
+            raise ValueError(f"closed_by: {closed_by!r}; expected one of {CLOSED_BY}")
+        aggregate = validation.as_bytes(aggregate, "aggregate")
+        now = utcnow()
+        with write_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            round_row = connection.execute(
+                select(Round.id, Round.state, Round.closed_by)
+                .where(Round.task_pk == task.pk, Round.round_no == round_no)
+                .with_for_update()
+            ).one_or_none()
+            if round_row is None:
+                raise StorageError(f"task {task_id!r} has no round {round_no} to close")
+            if round_row.state == "closed":
+                stored = connection.scalar(
+                    select(Aggregate.payload_sha256).where(Aggregate.round_pk == round_row.id)
+                )
+                if stored != sha256_hex(aggregate) or round_row.closed_by != closed_by:
+                    logger.warning(
+                        "round %d of task %s was already closed (by %s, aggregate %s); keeping that",
+                        round_no,
+                        task_id,
+                        round_row.closed_by,
+                        stored,
+                    )
+                return
+            num_updates = connection.scalar(
+                select(func.count()).select_from(Update).where(Update.round_pk == round_row.id)
+            )
+            connection.execute(
+                insert_for(connection, Aggregate).values(
+                    round_pk=round_row.id,
+                    payload_sha256=put_blob(connection, aggregate, now),
+                    payload_bytes=len(aggregate),
+                    num_updates=num_updates,
+                    created_at=now,
+                )
+            )
+            connection.execute(
+                update(Round)
+                .where(Round.id == round_row.id)
+                .values(state="closed", closed_at=now, closed_by=closed_by)
+            )
+
+    def get_round(self, task_id: str, round_no: int) -> RoundInfo | None:
+        """A round's state and participants, or None if it was never opened."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            found = queries.round_infos(connection, task.pk, task_id, Round.round_no == round_no)
+            return found[0] if found else None
+
+    def latest_round(self, task_id: str) -> RoundInfo | None:
+        """The highest-numbered round of a task (what a restarted aggregator resumes), or None."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            newest = select(func.max(Round.round_no)).where(Round.task_pk == task.pk).scalar_subquery()
+            found = queries.round_infos(connection, task.pk, task_id, Round.round_no == newest)
+            return found[0] if found else None
+
+    def open_rounds(self, task_id: str) -> list[RoundInfo]:
+        """Every round of a task still open, oldest first."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            return queries.round_infos(connection, task.pk, task_id, Round.state == "open")
+
+    def get_aggregate(self, task_id: str, round_no: int) -> bytes | None:
+        """The aggregate a round closed with (integrity-checked), or None while it is open."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            digest = connection.scalar(
+                select(Aggregate.payload_sha256)
+                .join(Round, Round.id == Aggregate.round_pk)
+                .where(Round.task_pk == task.pk, Round.round_no == round_no)
+            )
+            if digest is None:
+                return None
+            return read_blob(connection, digest, f"aggregate of round {round_no} of task {task_id!r}")
+
+    # -- personalized models -------------------------------------------------------------------------
+
+    def save_personalized_model(
+        self,
+        task_id: str,
+        device_id: str,
+        *,
+        mask: bytes,
+        weights: bytes,
+        tflite: bytes,
+        accuracy: float,
+        latency_ms: float,
+        size_bytes: int,
+        peak_rss_bytes: int,
+        metrics: dict[str, Any],
+    ) -> None:
+        """Store a device's final model for a task, replacing any earlier one. ``weights`` is a
+        safetensors file, ``mask`` the encoded mask, ``tflite`` the model file; all stored as given."""
+        validation.name(device_id, "device_id")
+        files = {
+            "mask": validation.as_bytes(mask, "mask"),
+            "weights": validation.as_bytes(weights, "weights"),
+            "tflite": validation.as_bytes(tflite, "tflite"),
+        }
+        scores = {
+            "accuracy": validation.finite(accuracy, "accuracy", minimum=0.0, maximum=1.0),
+            "latency_ms": validation.finite(latency_ms, "latency_ms", minimum=0.0),
+            "size_bytes": validation.integer(size_bytes, "size_bytes", minimum=0),
+            "peak_rss_bytes": validation.integer(peak_rss_bytes, "peak_rss_bytes", minimum=0),
+            "metrics": validation.json_document(metrics, "metrics"),
+        }
+        now = utcnow()
+        with write_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            row = {
+                "task_pk": task.pk,
+                "device_pk": self._device_pk(connection, task.fleet_pk, device_id, now),
+                **{f"{kind}_sha256": put_blob(connection, data, now) for kind, data in files.items()},
+                **scores,
+                "created_at": now,
+            }
+            insert = insert_for(connection, PersonalizedModel).values(**row)
+            replaced = {key: insert.excluded[key] for key in row if key not in ("task_pk", "device_pk")}
+            connection.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[PersonalizedModel.task_pk, PersonalizedModel.device_pk], set_=replaced
+                )
+            )
+
+    def export_model(self, device_id: str, fmt: ExportFormat, task_id: str | None = None) -> bytes:
+        """The stored bytes of a device's model: ``tflite`` (the .tflite file), ``torch`` (fine-tuned
+        weights, safetensors) or ``mask``. Without ``task_id``, the device's most recent model."""
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"format: {fmt!r}; expected one of {EXPORT_FORMATS}")
+        with read_transaction(self._engine) as connection:
+            return queries.export_model(connection, device_id, fmt, task_id)
+
+    # -- operator queries ----------------------------------------------------------------------------
+
+    def list_devices(self, fleet: str | None = None) -> list[DeviceInfo]:
+        """Devices (of one fleet, or all) with presence, last seen and accepted-update count."""
+        with read_transaction(self._engine) as connection:
+            return queries.list_devices(connection, fleet)
+
+    def list_rounds(self, fleet: str | None = None, task_id: str | None = None) -> list[RoundSummary]:
+        """Rounds with participation and timing, oldest first within each task."""
+        with read_transaction(self._engine) as connection:
+            return queries.list_rounds(connection, fleet, task_id)
+
+    def round_detail(self, task_id: str, round_no: int) -> RoundDetail | None:
+        """One round in full: accepted updates, rejections with reasons, the aggregate."""
+        with read_transaction(self._engine) as connection:
+            return queries.round_detail(connection, task_id, round_no)
+
+    def list_models(
+        self, fleet: str | None = None, task_id: str | None = None, min_accuracy: float | None = None
+    ) -> list[ModelInfo]:
+        """Personalized models, best accuracy first."""
+        with read_transaction(self._engine) as connection:
+            return queries.list_models(connection, fleet, task_id, min_accuracy)
+
+    # -- housekeeping --------------------------------------------------------------------------------
+
+    def prune(self, keep_last: int) -> int:
+        """Release the payload bytes of updates outside each task's newest ``keep_last`` rounds (open
+        rounds are always kept) and of blobs nothing refers to. Metadata stays. Returns blobs freed."""
+        validation.integer(keep_last, "keep_last", minimum=0)
+        with write_transaction(self._engine) as connection:
+            freed = housekeeping.prune(connection, keep_last)
+        logger.info(
+            "pruned %d blobs, keeping the payloads of the last %d rounds of each task", freed, keep_last
+        )
+        return freed
+
+    # -- row-id lookups ------------------------------------------------------------------------------
+
+    # Only ids read back as already committed are cached: an id inserted by this transaction would be
+    # stale if the transaction rolled back.
+
+    def _fleet_pk(self, connection: Connection, fleet: str, now: dt.datetime) -> int:
+        if (pk := self._fleet_pks.get(fleet)) is not None:
+            return pk
+        query = select(Fleet.id).where(Fleet.name == fleet)
+        if (pk := connection.scalar(query)) is not None:
+            self._fleet_pks[fleet] = pk
+            return pk
+        connection.execute(
+            insert_for(connection, Fleet)
+            .values(name=fleet, created_at=now)
+            .on_conflict_do_nothing(index_elements=[Fleet.name])
+        )
+        return connection.scalar(query)
+
+    def _task(self, connection: Connection, task_id: str) -> _TaskRef:
+        if (ref := self._tasks.get(task_id)) is not None:
+            return ref
+        row = connection.execute(select(Task.id, Task.fleet_pk).where(Task.task_id == task_id)).one_or_none()
+        if row is None:
+            raise StorageError(f"unknown task {task_id!r}; register_task() it first")
+        ref = self._tasks[task_id] = _TaskRef(row.id, row.fleet_pk)
+        return ref
+
+    def _device_pk(self, connection: Connection, fleet_pk: int, device_id: str, now: dt.datetime) -> int:
+        key = (fleet_pk, device_id)
+        if (pk := self._device_pks.get(key)) is not None:
+            return pk
+        query = select(Device.id).where(Device.fleet_pk == fleet_pk, Device.device_id == device_id)
+        if (pk := connection.scalar(query)) is not None:
+            self._device_pks[key] = pk
+            return pk
+        connection.execute(
+            insert_for(connection, Device)
+            .values(fleet_pk=fleet_pk, device_id=device_id, first_seen_at=now, last_seen_at=now)
+            .on_conflict_do_nothing(index_elements=[Device.fleet_pk, Device.device_id])
+        )
+        return connection.scalar(query)
+
+
+def _earlier(stored: Any, given: Any) -> Any:
+    """SQL for the earlier of two timestamps (portable: SQLite has no LEAST)."""
+    return case((given < stored, given), else_=stored)
+
+
+def _later(stored: Any, given: Any) -> Any:
+    return case((given > stored, given), else_=stored)

@@ -1,0 +1,157 @@
+"""LG-FedAvg (Liang et al. 2020, "Think Locally, Act Globally"): local representations, global head.
+
+Each device trains the whole dense network, but only the *global* layers (by default the last two
+mask-capable layers, i.e. the classifier head) travel and are averaged by the server; the
+representation layers below never leave the device and stay personal. Weights of the global layers
+travel as float32 both ways; the local layers are the device's state.
+
+The split is the hyperparameter ``global_layers``: an int N (the last N layers of ``model.layers()``)
+or a list of layer names / fnmatch patterns (``["fc*"]``). The paper also starts from a FedAvg-trained
+model; here every method starts from the same seed-derived initialization instead, so that all
+methods get the same budget.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from fedmask.models import MaskedNetwork, WeightMode
+from fedmask.strategies.base import (
+    Body,
+    ClientHalf,
+    ClientUpdate,
+    DecodedBody,
+    Evaluation,
+    FinalModel,
+    FitResult,
+    ServerHalf,
+    Strategy,
+    TaskSpec,
+)
+from fedmask.strategies.fedavg import hyper as fedavg_hyper
+from fedmask.strategies.fedavg import sgd, weights_body
+from fedmask.strategies.model_factory import build_for
+from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+
+DEFAULTS = {"global_layers": 2}
+
+
+def _hyper(spec: TaskSpec, key: str):
+    return spec.hyper.get(key, DEFAULTS.get(key, fedavg_hyper(spec, key)))
+
+
+def global_layer_names(model: MaskedNetwork, split: int | list[str] | tuple[str, ...]) -> list[str]:
+    """The layers whose weights are shared, in forward order, for a ``global_layers`` setting."""
+    names = [name for name, _ in model.layers()]
+    if isinstance(split, bool) or not isinstance(split, (int, list, tuple)):
+        raise ValueError(f"lgfedavg: global_layers must be an int or a list of layer names, got {split!r}")
+    if isinstance(split, int):
+        if not 1 <= split <= len(names):
+            raise ValueError(
+                f"lgfedavg: global_layers={split} must be between 1 and {len(names)} "
+                f"(the layers of {model.arch}: {', '.join(names)})"
+            )
+        return names[len(names) - split :]
+    unmatched = [p for p in split if not any(fnmatchcase(n, str(p)) for n in names)]
+    if unmatched or not split:
+        raise ValueError(
+            f"lgfedavg: global_layers {list(split)!r} must name layers of {model.arch} "
+            f"({', '.join(names)}); no match for {unmatched}"
+        )
+    return [n for n in names if any(fnmatchcase(n, str(p)) for p in split)]
+
+
+def global_tensor_names(model: MaskedNetwork, split) -> list[str]:
+    """The weight tensors (``"fc1.weight"``, ...) that belong to the global layers."""
+    chosen = set(global_layer_names(model, split))
+    return [layer.key(t) for name, layer in model.layers() if name in chosen for t in layer.trainable()]
+
+
+class LgFedAvgServer(ServerHalf):
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        model = build_for(spec, WeightMode.DENSE)
+        weights = model.get_weights()
+        self.shapes = {name: weights[name].shape for name in global_tensor_names(model, _split(spec))}
+
+    def initial_body(self) -> Body | None:
+        return None  # devices derive identical initial weights from the task seed
+
+    def expected_update(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
+
+    def aggregate(self, updates: list[ClientUpdate], round_no: int) -> Body:
+        factors = np.array([u.weight * u.num_samples for u in updates], dtype=np.float64)
+        factors /= factors.sum()
+        return weights_body(
+            {
+                name: sum(f * u.body[name].astype(np.float64) for f, u in zip(factors, updates)).astype(np.float32)
+                for name in self.shapes
+            }
+        )
+
+
+def _split(spec: TaskSpec):
+    split = _hyper(spec, "global_layers")
+    return list(split) if isinstance(split, tuple) else split
+
+
+class LgFedAvgClient(ClientHalf):
+    """The whole network lives here; only the global layers are replaced by the server's average."""
+
+    def __init__(self, spec: TaskSpec, data) -> None:
+        super().__init__(spec, data)
+        self.model = build_for(spec, WeightMode.DENSE)
+        self.global_names = global_tensor_names(self.model, _split(spec))
+        self.device_seed = derive_seed(spec.seed, data.device_id)
+
+    def _merge(self, global_body: DecodedBody | None) -> None:
+        if global_body:
+            weights = self.model.get_weights()
+            weights.update({name: global_body[name] for name in self.global_names})
+            self.model.set_weights(weights)
+
+    def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
+        self._merge(global_body)
+        metrics = train_epochs(
+            self.model,
+            self.data.x_train,
+            self.data.y_train,
+            epochs=int(self.spec.h("local_epochs")),
+            batch_size=int(self.spec.h("batch_size")),
+            optimizer=sgd(self.model, self.spec, _hyper(self.spec, "lr")),
+            seed=derive_seed(self.device_seed, round_no),
+        )
+        weights = self.model.get_weights()
+        return FitResult(
+            body=weights_body({name: weights[name] for name in self.global_names}),
+            num_samples=len(self.data.y_train),
+            metrics=metrics,
+        )
+
+    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
+        self._merge(global_body)
+        return evaluate(self.model, self.data.x_test, self.data.y_test)
+
+    def finalize(self, global_body: DecodedBody | None) -> FinalModel:
+        self._merge(global_body)
+        return FinalModel(model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.model.get_weights()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.model.set_weights(state)
+
+
+class LgFedAvg(Strategy):
+    name = "lgfedavg"
+    description = "LG-FedAvg: representation layers stay on the device, the head is averaged"
+
+    def server(self, spec: TaskSpec) -> ServerHalf:
+        return LgFedAvgServer(spec)
+
+    def client(self, spec: TaskSpec, data) -> ClientHalf:
+        return LgFedAvgClient(spec, data)

@@ -1,0 +1,374 @@
+"""protocol.transport against a real Mosquitto (tests/fixtures/broker.py): round trips on MQTT 5 and
+3.1.1, persistent sessions, redelivery of unacknowledged messages, retained task and chunked round for a
+late subscriber, the last will, credentials and ACL refusals, reconnects and shared subscriptions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from fedmask.protocol import messages as m
+from fedmask.protocol.chunking import Reassembler, publications
+from fedmask.protocol.tensor_codec import Coded
+from fedmask.protocol.topics import Topics
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError, Will
+
+pytestmark = pytest.mark.broker
+
+PROTOCOLS = ["5", "3.1.1"]
+TOPICS = Topics("fleet-a")
+
+
+class Inbox:
+    """A handler that records messages (acking them unless told not to) and lets a test wait."""
+
+    def __init__(self, connection: Callable[[], MqttConnection] | None = None, ack: bool = True) -> None:
+        self.connection, self.do_ack = connection, ack
+        self.messages: list[ReceivedMessage] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, message: ReceivedMessage) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+        if self.do_ack and self.connection is not None:
+            self.connection().ack(message)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise TimeoutError(f"{len(self.messages)} of {count} messages within {timeout}s")
+            return list(self.messages)
+
+    def payloads(self) -> list[bytes]:
+        with self._cond:
+            return [msg.payload for msg in self.messages]
+
+
+@pytest.fixture
+def connections() -> Iterator[Callable[..., MqttConnection]]:
+    """Factory of MqttConnections that are closed at teardown."""
+    made: list[MqttConnection] = []
+
+    def make(url: str, client_id: str, **options) -> MqttConnection:
+        options.setdefault("reconnect_max_delay_s", 2)
+        connection = MqttConnection(url, client_id, **options)
+        made.append(connection)
+        return connection
+
+    yield make
+    for connection in made:
+        connection.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_publish_subscribe_round_trip(open_mosquitto, connections, protocol: str) -> None:
+    sub = connections(open_mosquitto.url(), "agg-1", protocol=protocol)
+    inbox = Inbox()
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    pub = connections(open_mosquitto.url(), "dev-1", protocol=protocol)
+    pub.connect()
+    payload = m.encode(m.Presence(fleet="fleet-a", device="dev-1", status="online", at=time.time()))
+    info = pub.publish(TOPICS.up("dev-1"), payload)
+    assert info.is_published()
+    [received] = inbox.wait_for(1)
+    assert (received.topic, received.payload, received.qos, received.retain) == (
+        TOPICS.up("dev-1"),
+        payload,
+        1,
+        False,
+    )
+    assert m.decode(received.payload, m.Presence).device == "dev-1"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_persistent_session_receives_what_was_published_while_offline(
+    open_mosquitto, connections, protocol
+) -> None:
+    first = connections(open_mosquitto.url(), "agg-1", protocol=protocol)
+    first.subscribe(TOPICS.all_up, Inbox())
+    first.connect()
+    first.close()  # clean disconnect: the broker keeps the session and queues for it
+    pub = connections(open_mosquitto.url(), "dev-1", protocol=protocol)
+    pub.connect()
+    sent = [f"update {i}".encode() for i in range(5)]
+    for payload in sent:
+        pub.publish(TOPICS.up("dev-1"), payload)
+    inbox = Inbox()
+    again = connections(open_mosquitto.url(), "agg-1", protocol=protocol)
+    again.subscribe(TOPICS.all_up, inbox)
+    again.connect()
+    assert [msg.payload for msg in inbox.wait_for(5)] == sent
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unacked_message_is_redelivered_after_reconnect(open_mosquitto, connections, protocol) -> None:
+    """Mosquitto keeps an unacknowledged QoS 1 message in flight for the session and resends it, with
+    the DUP flag, when the client reconnects; an acknowledged one is not resent."""
+    pub = connections(open_mosquitto.url(), "dev-1", protocol=protocol)
+    pub.connect()
+    sub = connections(open_mosquitto.url(), "agg-1", protocol=protocol, manual_ack=True)
+    unacked = Inbox(ack=False)
+    sub.subscribe(TOPICS.all_up, unacked)
+    sub.connect()
+    pub.publish(TOPICS.up("dev-1"), b"not yet stored")
+    [first] = unacked.wait_for(1)
+    assert not first.duplicate
+    sub.close()  # as if the aggregator crashed before committing
+
+    holder: list[MqttConnection] = []
+    inbox = Inbox(lambda: holder[0])
+    sub = connections(open_mosquitto.url(), "agg-1", protocol=protocol, manual_ack=True)
+    holder.append(sub)
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    [again] = inbox.wait_for(1)
+    assert again.payload == b"not yet stored" and again.duplicate
+    sub.close()  # this time it was acked
+
+    inbox = Inbox(lambda: holder[1])
+    sub = connections(open_mosquitto.url(), "agg-1", protocol=protocol, manual_ack=True)
+    holder.append(sub)
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    pub.publish(TOPICS.up("dev-1"), b"next")
+    # in-flight messages are resent before anything new, so seeing "next" first proves no redelivery
+    assert inbox.wait_for(1)[0].payload == b"next"
+
+
+def announcement(round_no: int, n_bits: int) -> m.RoundAnnouncement:
+    import numpy as np
+
+    mask = np.random.default_rng(round_no).random(n_bits) > 0.5
+    return m.RoundAnnouncement(
+        fleet="fleet-a",
+        task_id="t1",
+        round=round_no,
+        deadline=time.time() + 60,
+        body={"mask": Coded(mask, "bits")},
+    )
+
+
+def make_task() -> m.Task:
+    return m.Task(
+        fleet="fleet-a",
+        task_id="t1",
+        strategy="fedmask",
+        arch="mlp",
+        num_classes=6,
+        seed=1,
+        weights_digest="0" * 64,
+        mask_config={},
+        hyper={"lr": 0.1, "local_epochs": 1, "batch_size": 16, "finetune_epochs": 1, "finetune_lr": 0.01},
+        schedule=m.Schedule(rounds=3, quorum=1, deadline_s=30, staleness_bound=2, max_payload=4096),
+        created_at=time.time(),
+    )
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_late_subscriber_gets_retained_task_and_chunked_round(open_mosquitto, connections, protocol) -> None:
+    aggregator = connections(open_mosquitto.url(), "aggregator", protocol=protocol)
+    aggregator.connect()
+    task = make_task()
+    # an earlier, larger announcement leaves more retained frames than the current one needs
+    for pub in publications(TOPICS.task, m.encode(task), max_payload=4096, retain=True):
+        aggregator.publish(pub.topic, pub.payload, retain=pub.retain)
+    old = publications(TOPICS.round, m.encode(announcement(1, 120_000)), max_payload=4096, retain=True)
+    current = announcement(2, 40_000)
+    new = publications(
+        TOPICS.round,
+        m.encode(current),
+        max_payload=4096,
+        retain=True,
+        previous_frames=sum(p.topic.startswith(TOPICS.round + "/chunk/") for p in old),
+    )
+    for pub in [*old, *new]:
+        aggregator.publish(pub.topic, pub.payload, retain=pub.retain)
+
+    device = connections(open_mosquitto.url(), "dev-1", protocol=protocol)
+    inbox = Inbox()
+    for topic_filter in TOPICS.device_filters("dev-1"):
+        device.subscribe(topic_filter, inbox)
+    device.connect()
+    frames_needed = 1 + sum(p.payload != b"" and p.topic != TOPICS.task for p in new)
+    received = inbox.wait_for(frames_needed)
+    assert all(msg.retain for msg in received)
+    reassembler = Reassembler()
+    decoded = []
+    for msg in received:
+        route = TOPICS.parse(msg.topic)
+        whole = reassembler.accept(route.kind, msg.payload)
+        if whole is not None:
+            decoded.append(m.decode(whole, (m.Task, m.RoundAnnouncement), fleet="fleet-a"))
+    assert len(decoded) == 2 and task in decoded and current in decoded
+    assert reassembler.pending_messages == 0  # no stale frame of round 1 survived
+
+
+def test_last_will_marks_a_vanished_device_offline(open_mosquitto, connections) -> None:
+    aggregator = connections(open_mosquitto.url(), "aggregator")
+    inbox = Inbox()
+    aggregator.subscribe(TOPICS.all_state, inbox)
+    aggregator.connect()
+    offline = m.encode(m.Presence(fleet="fleet-a", device="dev-1", status="offline", at=0.0))
+    online = m.encode(m.Presence(fleet="fleet-a", device="dev-1", status="online", at=1.0))
+    script = (
+        "import sys, time\n"
+        "from fedmask.protocol.transport import MqttConnection, Will\n"
+        "c = MqttConnection(sys.argv[1], 'dev-1', will=Will(sys.argv[2], bytes.fromhex(sys.argv[3])))\n"
+        "c.connect()\n"
+        "c.publish(sys.argv[2], bytes.fromhex(sys.argv[4]), retain=True)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    args = [
+        sys.executable,
+        "-c",
+        script,
+        open_mosquitto.url(),
+        TOPICS.state("dev-1"),
+        offline.hex(),
+        online.hex(),
+    ]
+    device = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert device.stdout.readline().strip() == "ready"
+        assert m.decode(inbox.wait_for(1)[0].payload, m.Presence).status == "online"
+        os.kill(device.pid, signal.SIGKILL)  # no DISCONNECT: the broker publishes the will
+    finally:
+        device.kill()
+        device.wait()
+    assert m.decode(inbox.wait_for(2)[1].payload, m.Presence).status == "offline"
+    # and it is retained: whoever looks next sees the device offline
+    late = Inbox()
+    watcher = connections(open_mosquitto.url(), "watcher")
+    watcher.subscribe(TOPICS.state("dev-1"), late)
+    watcher.connect()
+    assert late.wait_for(1)[0].payload == offline
+
+
+def test_credentials_and_acl_refusals_are_reported(mosquitto, connections, tmp_path) -> None:
+    good = connections(mosquitto.url("dev-1"), "dev-1")
+    good.connect()
+    good.publish(TOPICS.up("dev-1"), b"mine")
+    with pytest.raises(TransportError, match="Not authorized"):
+        good.publish(TOPICS.up("dev-2"), b"not mine")  # MQTT 5 PUBACK 0x87 from the ACL
+    with pytest.raises(TransportError, match="refused dev-3"):
+        connections(mosquitto.url().replace("mqtt://", "mqtt://dev-3:wrong@"), "dev-3").connect(timeout_s=5)
+
+
+def test_credentials_file_logs_in(mosquitto, connections) -> None:
+    from fedmask.protocol.broker_url import parse_broker_url
+
+    broker = parse_broker_url(mosquitto.url(), credentials_file=mosquitto.credentials_file("dev-2"), env={})
+    connection = connections(broker, "dev-2")
+    connection.connect()
+    connection.publish(TOPICS.up("dev-2"), b"ok")
+
+
+def test_reconnects_and_resubscribes_when_the_broker_lost_the_session(
+    open_mosquitto, connections, caplog
+) -> None:
+    inbox = Inbox()
+    sub = connections(open_mosquitto.url(), "agg-1", reconnect_min_delay_s=1)
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    open_mosquitto.kill()  # SIGKILL: nothing saved, the session is gone
+    assert not sub.wait_connected(0) or _wait_disconnected(sub)
+    with caplog.at_level(logging.INFO, logger="fedmask.protocol.transport"):
+        open_mosquitto.start()
+        assert sub.wait_connected(15)
+        pub = connections(open_mosquitto.url(), "dev-1")
+        pub.connect()
+        deadline = time.monotonic() + 10
+        while not inbox.payloads() and time.monotonic() < deadline:  # the SUBSCRIBE may still be in flight
+            pub.publish(TOPICS.up("dev-1"), b"after restart")
+            time.sleep(0.2)
+    assert b"after restart" in inbox.payloads()
+    assert "session new" in caplog.text and "lost connection of agg-1" in caplog.text
+
+
+def _wait_disconnected(connection: MqttConnection, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while connection.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not connection.connected
+
+
+def test_publish_waits_across_a_broker_restart(open_mosquitto, connections) -> None:
+    inbox = Inbox()
+    sub = connections(open_mosquitto.url(), "agg-1")
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    pub = connections(open_mosquitto.url(), "dev-1", reconnect_min_delay_s=1)
+    pub.connect()
+    open_mosquitto.restart()  # clean stop: sessions are saved and restored
+    pub.publish(TOPICS.up("dev-1"), b"queued while down", timeout_s=20)
+    assert inbox.wait_for(1, timeout=20)[0].payload == b"queued while down"
+
+
+def test_shared_subscription_splits_updates_between_workers(open_mosquitto, connections) -> None:
+    inboxes = [Inbox(), Inbox()]
+    for i, inbox in enumerate(inboxes):
+        worker = connections(open_mosquitto.url(), f"agg-{i}")
+        worker.subscribe(TOPICS.aggregator_filters("workers")[0], inbox)
+        worker.connect()
+    pub = connections(open_mosquitto.url(), "dev-1")
+    pub.connect()
+    sent = [f"u{i}".encode() for i in range(20)]
+    for payload in sent:
+        pub.publish(TOPICS.up("dev-1"), payload)
+    deadline = time.monotonic() + 10
+    while sum(len(i.payloads()) for i in inboxes) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = [p for inbox in inboxes for p in inbox.payloads()]
+    assert sorted(got) == sorted(sent)  # each update handled exactly once
+    assert all(inbox.payloads() for inbox in inboxes)  # and both workers took a share
+
+
+def test_publish_with_wait_on_the_network_thread_is_refused(open_mosquitto, connections) -> None:
+    errors: list[Exception] = []
+    holder: list[MqttConnection] = []
+
+    def handler(message: ReceivedMessage) -> None:
+        try:
+            holder[0].publish(TOPICS.down("dev-1"), b"reply")
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    sub = connections(open_mosquitto.url(), "agg-1", dispatch="network")
+    holder.append(sub)
+    sub.subscribe(TOPICS.all_up, handler)
+    sub.connect()
+    pub = connections(open_mosquitto.url(), "dev-1")
+    pub.connect()
+    pub.publish(TOPICS.up("dev-1"), b"x")
+    deadline = time.monotonic() + 5
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert errors and "network thread" in str(errors[0])
+
+
+def test_will_and_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="protocol"):
+        MqttConnection("mqtt://127.0.0.1:1", "x", protocol="4")
+    with pytest.raises(ValueError, match="dispatch"):
+        MqttConnection("mqtt://127.0.0.1:1", "x", dispatch="threads")
+    assert Will("t", b"x").retain and Will("t", b"x").qos == 1
+
+
+def test_connect_to_nothing_times_out_with_a_clear_error(connections) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    with pytest.raises(TransportError, match="no CONNACK"):
+        connections(f"mqtt://127.0.0.1:{port}", "lonely").connect(timeout_s=1.5)
