@@ -12,39 +12,22 @@ message is recognised (idempotent by task, round, device).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import msgpack
 import numpy as np
-
 from fedmask.protocol import messages
-from fedmask.protocol.messages import ProtocolError, Rejection
-from fedmask.protocol.tensor_codec import CodecError, decode_body
+from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.staleness import staleness_weight
+from fedmask.protocol.tensor_codec import decode_coded_body, encode_body
 from fedmask.protocol.topics import Topics
 from fedmask.strategies import ClientUpdate, ServerHalf, TaskSpec, get_strategy
-from fedmask.strategies.training import staleness_weight
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    rounds: int
-    quorum: int
-    deadline_s: float = 60.0
-    min_updates: int = 1
-    staleness_bound: int = 2
-    finalize_deadline_s: float = 300.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Schedule:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -96,12 +79,14 @@ class RoundManager:
                 "arch": task.arch,
                 "num_classes": task.num_classes,
                 "seed": task.seed,
-                "arch_kwargs": task.hyper.get("arch_kwargs", {}),
+                "arch_kwargs": task.arch_kwargs,
                 "mask_config": task.mask_config,
                 "hyper": task.hyper,
             }
         )
-        self.schedule = Schedule.from_dict(task.schedule)
+        self.schedule = task.schedule
+        self.min_updates = int(task.hyper.get("min_updates", 1))
+        self.finalize_deadline_s = float(task.hyper.get("finalize_deadline_s", 600.0))
         self.server: ServerHalf = get_strategy(task.strategy).server(self.spec)
         self.expected = self.server.expected_update()
         self.alpha = float(self.spec.h("staleness_alpha"))
@@ -127,6 +112,7 @@ class RoundManager:
             arch=self.task.arch,
         )
         out = [Outbound(self.topics.task, messages.encode(self.task), retain=True)]
+        self.known_devices.update(d.device_id for d in self.store.list_devices(self.fleet))
         latest = self.store.latest_round(self.task.task_id)
         if latest is None:
             return out + self._open(1)
@@ -134,7 +120,7 @@ class RoundManager:
             closed = latest.round_no if latest.state == "closed" else latest.round_no - 1
             aggregate = self.store.get_aggregate(self.task.task_id, closed)
             if aggregate is not None:
-                self.global_body = messages.decode_stored_body(aggregate)
+                self.global_body = unpack_body(aggregate)
         if latest.state == "closed":
             return out + self._after_close(latest.round_no)
         deadline = latest.deadline.timestamp()
@@ -144,13 +130,18 @@ class RoundManager:
         logger.info(
             "resumed round %d with %d stored updates", latest.round_no, len(self.current.contributors)
         )
-        return out + [self._announcement()]
+        return [*out, self._announcement()]
 
     def _open(self, number: int) -> list[Outbound]:
         deadline = self.clock() + self.schedule.deadline_s
         self.current = OpenRound(number=number, deadline=deadline)
         self.store.open_round(self.task.task_id, number, quorum=self.schedule.quorum, deadline=_utc(deadline))
-        logger.info("round %d open (quorum %d, deadline in %.0fs)", number, self.schedule.quorum, self.schedule.deadline_s)
+        logger.info(
+            "round %d open (quorum %d, deadline in %.0fs)",
+            number,
+            self.schedule.quorum,
+            self.schedule.deadline_s,
+        )
         return [self._announcement()]
 
     def _announcement(self) -> Outbound:
@@ -172,17 +163,18 @@ class RoundManager:
     def _start_finalize(self) -> list[Outbound]:
         self.current = None
         self.finalizing = True
-        self.finalize_deadline = self.clock() + self.schedule.finalize_deadline_s
-        logger.info("all %d rounds done: asking %d devices to finalize", self.schedule.rounds, len(self.known_devices))
-        msg = messages.RoundAnnouncement(
-            fleet=self.fleet,
-            task_id=self.task.task_id,
-            round=self.schedule.rounds + 1,
-            deadline=self.finalize_deadline,
-            body=self.global_body,
-            finalize=True,
+        self.finalize_deadline = self.clock() + self.finalize_deadline_s
+        logger.info(
+            "all %d rounds done: asking %d devices to finalize", self.schedule.rounds, len(self.known_devices)
         )
-        return [Outbound(self.topics.round, messages.encode(msg), retain=True)]
+        return [self.finalize_directive(device) for device in sorted(self.known_devices)]
+
+    def finalize_directive(self, device: str) -> Outbound:
+        """Tells a device to build its personalized model (queued by its persistent session if offline)."""
+        msg = messages.Directive(
+            fleet=self.fleet, kind="finalize", task_id=self.task.task_id, round=self.schedule.rounds
+        )
+        return Outbound(self.topics.down(device), messages.encode(msg))
 
     def tick(self) -> list[Outbound]:
         """Called periodically: closes the round at its deadline, extends it if nobody answered."""
@@ -194,7 +186,7 @@ class RoundManager:
             return []
         if self.current is None or now < self.current.deadline:
             return []
-        if len(self.current.contributors) >= self.schedule.min_updates:
+        if len(self.current.contributors) >= self.min_updates:
             return self._close("deadline")
         self.current.deadline = now + self.schedule.deadline_s
         logger.warning("round %d: no updates by the deadline; extended", self.current.number)
@@ -207,7 +199,7 @@ class RoundManager:
         updates = [
             ClientUpdate(
                 device_id=u.device_id,
-                body=decode_body(messages.decode(u.payload, messages.Update).body),
+                body={k: c.array for k, c in messages.decode(u.payload, messages.Update).body.items()},
                 num_samples=u.num_samples,
                 staleness=u.staleness,
                 weight=u.weight,
@@ -215,9 +207,9 @@ class RoundManager:
             for u in stored
         ]
         body = self.server.aggregate(updates, number)
-        aggregate = messages.encode_stored_body(body)
+        aggregate = pack_body(body)
         self.store.close_round(self.task.task_id, number, aggregate=aggregate, closed_by=closed_by)
-        self.global_body = messages.decode_stored_body(aggregate)
+        self.global_body = unpack_body(aggregate)
         logger.info("round %d closed by %s with %d updates", number, closed_by, len(updates))
         return self._after_close(number)
 
@@ -233,7 +225,9 @@ class RoundManager:
             seen_at=_utc(self.clock()),
         )
 
-    def reject(self, reason: Rejection | str, detail: str, *, device: str | None, topic: str, size: int) -> Decision:
+    def reject(
+        self, reason: Rejection | str, detail: str, *, device: str | None, topic: str, size: int
+    ) -> Decision:
         reason = str(getattr(reason, "value", reason))
         logger.warning("rejected message from %s on %s: %s (%s)", device or "?", topic, reason, detail)
         self.store.record_rejection(
@@ -248,19 +242,26 @@ class RoundManager:
         )
         return Decision(False, reason, detail)
 
-    def on_update(self, device: str, payload: bytes, topic: str) -> tuple[Decision, list[Outbound]]:
-        """Validate, store (committed) and count one update; the caller acks after this returns."""
-        size = len(payload)
+    def on_update(
+        self, device: str, update: messages.Update, payload: bytes, topic: str
+    ) -> tuple[Decision, list[Outbound]]:
+        """Validate, store (committed) and count one decoded update; the caller acks after this returns."""
+        if self.finalizing and update.task_id == self.task.task_id:
+            # A device that missed the end of the run (it was offline): tell it to finalize.
+            decision = self.reject(
+                Rejection.ROUND_CLOSED, "the run is finalizing", device=device, topic=topic, size=len(payload)
+            )
+            return decision, [self.finalize_directive(device)]
+        if self.current is not None and self.current.contributors.get(device) is not None:
+            previous = self._stored_payload(device)
+            if previous == payload:
+                # The broker redelivered what we already stored (we crashed before acking): ack it again.
+                return Decision(True, None, "duplicate delivery"), []
         try:
-            update = messages.decode(payload, messages.Update)
+            weight, staleness = self._check(device, update)
         except ProtocolError as exc:
-            return self.reject(exc.reason, exc.detail, device=device, topic=topic, size=size), []
-        problem = self._check(device, update)
-        if problem is not None:
-            return self.reject(problem[0], problem[1], device=device, topic=topic, size=size), []
+            return self.reject(exc.reason, exc.detail, device=device, topic=topic, size=len(payload)), []
         assert self.current is not None
-        staleness = self.current.number - update.base_round
-        weight = staleness_weight(staleness, self.alpha)
         created = self.store.record_update(
             self.task.task_id,
             self.current.number,
@@ -272,8 +273,8 @@ class RoundManager:
             payload=payload,
             metrics=dict(update.metrics),
         )
-        if not created:
-            # A redelivery of what we already stored (e.g. the broker resent it after our crash): ack it.
+        if not created:  # stored by a run of ours that crashed before it could update its memory
+            self.current.contributors[device] = staleness
             return Decision(True, None, "duplicate delivery"), []
         self.current.contributors[device] = staleness
         out: list[Outbound] = []
@@ -281,41 +282,53 @@ class RoundManager:
             out = self._close("quorum")
         return Decision(True), out
 
-    def _check(self, device: str, update: messages.Update) -> tuple[Rejection, str] | None:
-        if update.fleet != self.fleet:
-            return Rejection.WRONG_FLEET, f"fleet {update.fleet!r}, this aggregator serves {self.fleet!r}"
+    def _stored_payload(self, device: str) -> bytes | None:
+        assert self.current is not None
+        for stored in self.store.accepted_updates(self.task.task_id, self.current.number):
+            if stored.device_id == device:
+                return stored.payload
+        return None
+
+    def _check(self, device: str, update: messages.Update) -> tuple[float, int]:
+        """The update's staleness weight and staleness, or ``ProtocolError`` with the specific reason."""
+
+        def refuse(reason: Rejection, detail: str) -> ProtocolError:
+            return ProtocolError(reason, detail)
+
         if update.device != device:
-            return Rejection.DEVICE_MISMATCH, f"payload says {update.device!r}, topic says {device!r}"
+            raise refuse(Rejection.DEVICE_MISMATCH, f"payload says {update.device!r}, topic says {device!r}")
         if device not in self.known_devices:
-            return Rejection.UNKNOWN_DEVICE, f"{device!r} has not announced itself on its state topic"
+            raise refuse(Rejection.UNKNOWN_DEVICE, f"{device!r} has not announced itself on its state topic")
         if update.task_id != self.task.task_id:
-            return Rejection.WRONG_TASK, f"task {update.task_id!r}, current task {self.task.task_id!r}"
+            raise refuse(Rejection.WRONG_TASK, f"task {update.task_id!r}, current task {self.task.task_id!r}")
         if self.current is None:
-            return Rejection.ROUND_CLOSED, "no round is open (the run is finalizing)"
-        if update.round > self.current.number or update.base_round > self.current.number:
-            return Rejection.FUTURE_ROUND, f"round {update.round}, current round {self.current.number}"
-        staleness = self.current.number - update.base_round
-        if staleness > self.schedule.staleness_bound:
-            return Rejection.STALE_ROUND, f"staleness {staleness} exceeds the bound {self.schedule.staleness_bound}"
-        if device in self.current.contributors and update.round == self.current.number:
-            stored = {u.device_id: u for u in self.store.accepted_updates(self.task.task_id, self.current.number)}
-            previous = stored.get(device)
-            if previous is not None and previous.payload != messages.encode(update):
-                return Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {self.current.number}"
-        elif device in self.current.contributors:
-            return Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {self.current.number}"
+            raise refuse(Rejection.ROUND_CLOSED, "no round is open")
+        if update.round > self.current.number:
+            raise refuse(
+                Rejection.FUTURE_ROUND, f"round {update.round}, the open round is {self.current.number}"
+            )
+        weight = staleness_weight(
+            self.current.number, update.base_round, bound=self.schedule.staleness_bound, alpha=self.alpha
+        )
+        if device in self.current.contributors:
+            raise refuse(
+                Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {self.current.number}"
+            )
+        if update.round < self.current.number:
+            earlier = self.store.get_round(self.task.task_id, update.round)
+            if earlier is not None and device in earlier.participants:
+                raise refuse(
+                    Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {update.round}"
+                )
         problem = self._check_body(update)
         if problem is not None:
-            return Rejection.WRONG_BODY, problem
-        return None
+            raise refuse(Rejection.WRONG_BODY, problem)
+        return weight, self.current.number - update.base_round
 
     def _check_body(self, update: messages.Update) -> str | None:
         if self.expected is None:
             return None
-        try:
-            body = decode_body(update.body)
-        except CodecError as exc:
-            return f"{exc.reason}: {exc.detail}"
+        body = {name: coded.array for name, coded in update.body.items()}
         if set(body) != set(self.expected):
             return f"body has {sorted(body)}, expected {sorted(self.expected)}"
         for name, shape in self.expected.items():
@@ -325,15 +338,16 @@ class RoundManager:
                 return f"{name} holds NaN or infinity"
         return None
 
-    def on_result(self, device: str, payload: bytes, topic: str) -> Decision:
-        try:
-            result = messages.decode(payload, messages.Result)
-        except ProtocolError as exc:
-            return self.reject(exc.reason, exc.detail, device=device, topic=topic, size=len(payload))
+    def on_result(self, device: str, result: messages.Result, payload: bytes, topic: str) -> Decision:
+        size = len(payload)
         if result.device != device:
-            return self.reject(Rejection.DEVICE_MISMATCH, "result for another device", device=device, topic=topic, size=len(payload))
+            return self.reject(
+                Rejection.DEVICE_MISMATCH, "result for another device", device=device, topic=topic, size=size
+            )
         if result.task_id != self.task.task_id:
-            return self.reject(Rejection.WRONG_TASK, f"task {result.task_id!r}", device=device, topic=topic, size=len(payload))
+            return self.reject(
+                Rejection.WRONG_TASK, f"task {result.task_id!r}", device=device, topic=topic, size=size
+            )
         m = result.metrics
         self.store.save_personalized_model(
             self.task.task_id,
@@ -341,17 +355,22 @@ class RoundManager:
             mask=result.mask,
             weights=result.weights,
             tflite=result.tflite,
-            accuracy=float(m.get("accuracy", math.nan)),
-            latency_ms=float(m.get("latency_ms", math.nan)),
-            size_bytes=int(m.get("size_bytes", len(result.tflite))),
-            peak_rss_bytes=int(m.get("peak_rss_bytes", 0)),
+            accuracy=float(m["accuracy"]),
+            latency_ms=float(m["latency_ms"]),
+            size_bytes=int(m["size_bytes"]),
+            peak_rss_bytes=int(m["peak_rss_bytes"]),
             metrics=dict(m),
         )
         self.results.add(device)
-        if self.finalizing and self.known_devices and self.results >= self.known_devices:
+        if self.finalizing and self.results >= self.known_devices:
             self.done = True
         return Decision(True)
 
 
-def payload_digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
+def pack_body(body) -> bytes:
+    """A global body as stored bytes (the same coded arrays the round announcement carries)."""
+    return msgpack.packb(encode_body(body or {}), use_bin_type=True)
+
+
+def unpack_body(data: bytes):
+    return decode_coded_body(msgpack.unpackb(data, raw=False))

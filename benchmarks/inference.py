@@ -154,10 +154,19 @@ def _latency(models: dict[str, TFLiteModel], x1: np.ndarray, runs: int, rounds: 
         name: {
             "median_ms": float(np.median([s["median_ms"] for s in stats])),
             "p90_ms": float(np.median([s["p90_ms"] for s in stats])),
+            "min_ms": float(np.min([s["min_ms"] for s in stats])),
             "runs": runs * rounds,
         }
         for name, stats in per_round.items()
     }
+
+
+def invoke_floor_ms(args: argparse.Namespace, workdir: Path) -> float:
+    """Median latency of a model that does almost nothing: the runtime's fixed cost per call."""
+    path = workdir / "floor.tflite"
+    export_tflite(torch.nn.Sequential(torch.nn.Linear(1, 1)).eval(), torch.zeros(1, 1), path)
+    floor = _latency({"floor": TFLiteModel(path)}, np.zeros((1, 1), np.float32), args.runs, args.rounds)
+    return floor["floor"]["median_ms"]
 
 
 def bench_model(spec: BenchModel, args: argparse.Namespace, workdir: Path, baseline_rss: int) -> dict:
@@ -170,7 +179,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, workdir: Path, basel
         mask_source = "synthetic"
     network.set_mask(mask)
     dense = network.to_plain()
-    compacted, report = compact_with_report(dense)
+    compacted, report = compact_with_report(dense, unit_multiple=args.unit_multiple)
 
     x = _example(spec.arch, 100, args.seed)
     example = torch.from_numpy(x[:1])
@@ -210,6 +219,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, workdir: Path, basel
     d, c = result["variants"]["dense"], result["variants"]["compacted"]
     result["ratios"] = {
         "speedup": d["median_ms"] / c["median_ms"],
+        "speedup_min": d["min_ms"] / c["min_ms"],
         "size": d["file_bytes"] / c["file_bytes"],
         "peak_rss": d["peak_rss_bytes"] / c["peak_rss_bytes"],
         "model_rss": d["model_rss_bytes"] / max(c["model_rss_bytes"], 1),
@@ -269,7 +279,7 @@ def int8_accuracy_on_hmp(args: argparse.Namespace, workdir: Path) -> dict | None
 def format_table(results: list[dict], baseline_rss: int) -> str:
     mib = 2**20
     header = (
-        f"{'model':<16}{'variant':<16}{'density':>8}{'median ms':>11}{'p90 ms':>9}"
+        f"{'model':<16}{'variant':<16}{'density':>8}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
         f"{'size KiB':>11}{'RSS MiB':>9}{'model RSS':>11}"
     )
     lines = [header, "-" * len(header)]
@@ -277,6 +287,7 @@ def format_table(results: list[dict], baseline_rss: int) -> str:
         for name, v in r["variants"].items():
             lines.append(
                 f"{r['arch']:<16}{name:<16}{r['density']:>8.3f}{v['median_ms']:>11.3f}{v['p90_ms']:>9.3f}"
+                f"{v['min_ms']:>9.3f}"
                 f"{v['file_bytes'] / 1024:>11.1f}{v['peak_rss_bytes'] / mib:>9.1f}"
                 f"{v['model_rss_bytes'] / mib:>11.1f}"
             )
@@ -286,7 +297,8 @@ def format_table(results: list[dict], baseline_rss: int) -> str:
             met = ratios["speedup"] >= TARGET_SPEEDUP and ratios["size"] >= TARGET_SIZE_RATIO
             verdict = "  targets met" if met else "  targets NOT met"
         lines.append(
-            f"{'':<16}{'dense/compacted':<16} speedup {ratios['speedup']:.2f}x, size {ratios['size']:.2f}x, "
+            f"{'':<16}{'dense/compacted':<16} speedup {ratios['speedup']:.2f}x "
+            f"(min {ratios['speedup_min']:.2f}x), size {ratios['size']:.2f}x, "
             f"peak RSS {ratios['peak_rss']:.2f}x (model share {ratios['model_rss']:.2f}x){verdict}"
         )
         if "int8_top1_agreement" in r:
@@ -310,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-density", type=float, default=0.1, help="synthetic: classifier's density")
     parser.add_argument(
         "--unit-share", type=float, default=1.0, help="synthetic: share of sparsity from whole units"
+    )
+    parser.add_argument(
+        "--unit-multiple", type=int, default=1, help="compact to widths that are multiples of this"
     )
     parser.add_argument("--runs", type=int, default=200, help="latency runs per round (>= 200)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating dense/compacted rounds")
@@ -339,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline_rss = measure_peak_rss(None)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        floor_ms = invoke_floor_ms(args, Path(tmp))
         for name in args.models.split(","):
             logger.info("benchmarking %s", name)
             results.append(bench_model(MODELS[name], args, Path(tmp), baseline_rss))
         int8_accuracy = int8_accuracy_on_hmp(args, Path(tmp)) if args.int8 else None
     print(format_table(results, baseline_rss))
+    print(f"invoke floor (a 1x1 FULLY_CONNECTED model, same timing): {floor_ms:.4f} ms")
     if int8_accuracy:
         acc = int8_accuracy
         print(
@@ -357,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "settings": {k: v for k, v in vars(args).items()},
         "baseline_rss_bytes": baseline_rss,
+        "invoke_floor_ms": floor_ms,
         "targets": {
             "speedup": TARGET_SPEEDUP,
             "size_ratio": TARGET_SIZE_RATIO,

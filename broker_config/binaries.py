@@ -40,7 +40,9 @@ def find_mosquitto() -> Path | None:
 def find_mosquitto_passwd() -> Path | None:
     """The mosquitto_passwd tool, or None when it is not installed."""
     return _find(
-        "mosquitto_passwd", MOSQUITTO_PASSWD_ENV, ("/usr/bin/mosquitto_passwd", "/usr/local/bin/mosquitto_passwd")
+        "mosquitto_passwd",
+        MOSQUITTO_PASSWD_ENV,
+        ("/usr/bin/mosquitto_passwd", "/usr/local/bin/mosquitto_passwd"),
     )
 
 

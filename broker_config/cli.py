@@ -1,8 +1,8 @@
 """`fedmask broker ...`: run mosquitto with the project's configuration, and manage broker accounts.
 
-    fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
-    fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
-    fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
+fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
+fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
+fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
         "--credentials. A running broker rereads the password file on SIGHUP.",
     )
     _add_account_options(device)
-    device.add_argument("--device", required=True, metavar="ID", help="device id, which is also the MQTT username")
+    device.add_argument(
+        "--device", required=True, metavar="ID", help="device id, which is also the MQTT username"
+    )
     device.set_defaults(handler=_add_device)
 
     service = actions.add_parser(
@@ -63,7 +65,9 @@ def register(subparsers: Any) -> None:
         metavar="dev|test|production|FILE",
         help="which mosquitto configuration",
     )
-    add_option(run, "--port", dest="broker_port", type=int, metavar="N", help="move the first listener to port N")
+    add_option(
+        run, "--port", dest="broker_port", type=int, metavar="N", help="move the first listener to port N"
+    )
     add_option(run, "--passwd", metavar="FILE", help="password file for --config test")
     add_option(
         run,
@@ -72,7 +76,9 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="persistence and generated config for --config test",
     )
-    run.add_argument("--dry-run", action="store_true", help="print the effective config and command; do not run")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the effective config and command; do not run"
+    )
     run.set_defaults(handler=_run)
 
 
@@ -127,21 +133,26 @@ def _add_service_user(args: argparse.Namespace) -> int:
         add_service_user(passwd, args.user, _account_password(args), credentials_file=args.out)
     except CredentialsError as exc:
         raise ConfigError(str(exc)) from exc
-    print(f"{args.user}: account in {passwd}, credentials in {args.out or default_credentials_path(passwd, args.user)}")
+    out = args.out or default_credentials_path(passwd, args.user)
+    print(f"{args.user}: account in {passwd}, credentials in {out} (mode 0600)")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedmask.broker_config.runner import MosquittoLaunch, prepare_launch, run_foreground
+    from fedmask.broker_config.binaries import BrokerUnavailableError
+    from fedmask.broker_config.runner import prepare_launch, run_foreground
 
     try:
-        launch: MosquittoLaunch = prepare_launch(
+        launch = prepare_launch(
             args.mosquitto_config, port=args.broker_port, passwd=args.passwd, data_dir=args.data_dir
         )
+        if args.dry_run:
+            print(f"# command: {' '.join(launch.command)}")
+            print(launch.config_text, end="")
+            return 0
+        return run_foreground(launch)
+    except BrokerUnavailableError as exc:  # mosquitto missing: not a usage error
+        logger.error("%s", exc)
+        return 1
     except ValueError as exc:  # ConfigFileError, bad port: the user's input
         raise ConfigError(str(exc)) from exc
-    if args.dry_run:
-        print(f"# command: {' '.join(launch.command)}")
-        print(launch.config_text, end="")
-        return 0
-    return run_foreground(launch)

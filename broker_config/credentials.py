@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from fedmask.broker_config.passwords import (
     write_password_file,
     write_private_file,
 )
+from fedmask.protocol.topics import ID_PATTERN, MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ AGGREGATOR_USER = "aggregator"
 HEALTH_USER = "health"
 # Accounts with their own ACL blocks; a device with one of these names would get their rights.
 SERVICE_USERS = frozenset({AGGREGATOR_USER, HEALTH_USER})
-_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CredentialsError(ValueError):
@@ -44,12 +43,13 @@ class Credentials(NamedTuple):
 
 
 def validate_username(username: str, *, what: str = "device id") -> str:
-    """Letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters:
-    no '/', '+', '#' (they would widen the ACL's `%u` topics) and no ':' (the file separator)."""
-    if not _USERNAME.fullmatch(username):
+    """The wire protocol's id rule (fedmask.protocol.topics): letters, digits, '.', '_' and '-',
+    starting with a letter or digit, at most 64 characters. So no '/', '+', '#' (they would widen
+    the ACL's `%u` topics) and no ':' (the password-file separator)."""
+    if not ID_PATTERN.fullmatch(username):
         raise CredentialsError(
-            f"{what} {username!r}: expected 1-128 characters from [A-Za-z0-9._-], starting with a "
-            "letter or digit (no '/', '+', '#', ':' or spaces)"
+            f"{what} {username!r}: expected 1-{MAX_ID_LENGTH} characters from [A-Za-z0-9._-], starting "
+            "with a letter or digit (no '/', '+', '#', ':' or spaces)"
         )
     return username
 
@@ -196,7 +196,9 @@ def read_credentials(path: str | os.PathLike[str]) -> Credentials:
     except OSError as exc:
         raise CredentialsError(f"credentials file {p}: cannot read ({exc.strerror or exc})") from exc
     if mode & 0o077:
-        logger.warning("credentials file %s is readable by other users (mode %o); chmod 600 it", p, mode & 0o777)
+        logger.warning(
+            "credentials file %s is readable by other users (mode %o); chmod 600 it", p, mode & 0o777
+        )
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     username, sep, password = line.partition(":")
     if not sep or not username or not password:

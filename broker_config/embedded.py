@@ -30,7 +30,7 @@ from urllib.parse import quote
 from fedmask.broker_config.amqtt_fallback import AmqttBrokerThread
 from fedmask.broker_config.binaries import BrokerUnavailableError, find_mosquitto
 from fedmask.broker_config.configs import ACL_FILE, render_test_config
-from fedmask.broker_config.credentials import Credentials, generate_password
+from fedmask.broker_config.credentials import Credentials, generate_password, validate_username
 from fedmask.broker_config.passwords import hash_password, write_password_file
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ class MosquittoProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("mosquitto pid %d ignored SIGTERM for %.0fs; killing it", self.process.pid, timeout)
+                logger.warning(
+                    "mosquitto pid %d ignored SIGTERM for %.0fs; killing it", self.process.pid, timeout
+                )
                 self.process.kill()
                 self.process.wait()
         self.process = None
@@ -186,11 +188,18 @@ class EmbeddedBroker:
         self.start_timeout = start_timeout
         self._port_chosen = port is not None
         self.port = port if port is not None else free_loopback_port()
-        self._users = {name: pw or generate_password() for name, pw in (users or {}).items()}
+        self._users = {
+            validate_username(name, what="broker username"): pw or generate_password()
+            for name, pw in (users or {}).items()
+        }
 
-        self._owned_dir = Path(tempfile.mkdtemp(prefix="fedmask-broker-")) if workdir is None else None
-        self.workdir = self._owned_dir or Path(workdir)  # type: ignore[arg-type]
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if workdir is None:
+            self._owned_dir: Path | None = Path(tempfile.mkdtemp(prefix="fedmask-broker-"))
+            self.workdir = self._owned_dir
+        else:
+            self._owned_dir = None
+            self.workdir = Path(workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.password_file = self.workdir / "passwd" if auth else None
@@ -202,7 +211,9 @@ class EmbeddedBroker:
             if self.password_file is not None:
                 write_password_file(self.password_file, {u: hash_password(p) for u, p in self._users.items()})
             self._write_config()
-            self._runner: _Runner = MosquittoProcess(binary, self.config_path, self.log_path, self.host, self.port)
+            self._runner: _Runner = MosquittoProcess(
+                binary, self.config_path, self.log_path, self.host, self.port
+            )
         else:
             if backend == "auto":
                 logger.warning("mosquitto not found; using the in-process amqtt broker (MQTT 3.1.1 only)")
@@ -232,12 +243,15 @@ class EmbeddedBroker:
         try:
             return Credentials(username, self._users[username])
         except KeyError:
-            raise KeyError(f"no broker account {username!r}; known: {', '.join(self._users) or 'none'}") from None
+            raise KeyError(
+                f"no broker account {username!r}; known: {', '.join(self._users) or 'none'}"
+            ) from None
 
     def url_for(self, username: str) -> str:
         """`mqtt://user:password@host:port` for one of `users`."""
         creds = self.credentials(username)
-        return f"mqtt://{quote(creds.username, safe='')}:{quote(creds.password, safe='')}@{self.host}:{self.port}"
+        userinfo = f"{quote(creds.username, safe='')}:{quote(creds.password, safe='')}"
+        return f"mqtt://{userinfo}@{self.host}:{self.port}"
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property

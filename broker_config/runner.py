@@ -56,7 +56,9 @@ def prepare_launch(
     binary = find_mosquitto()
     if config == "test":
         if not passwd:
-            raise ConfigFileError("--config test needs --passwd FILE (create it with `fedmask broker add-device`)")
+            raise ConfigFileError(
+                "--config test needs --passwd FILE (create it with `fedmask broker add-device`)"
+            )
         if not Path(passwd).is_file():
             raise ConfigFileError(f"--passwd {passwd}: no such password file")
         text = render_test_config(
@@ -65,7 +67,9 @@ def prepare_launch(
             password_file=Path(passwd).absolute(),
             acl_file=ACL_FILE,
         )
-        return MosquittoLaunch(binary, data / "mosquitto-test.conf", text, generated=True, directories=(data,))
+        return MosquittoLaunch(
+            binary, data / "mosquitto-test.conf", text, generated=True, directories=(data,)
+        )
 
     source = named_config(config)
     text = source.read_text()

@@ -75,6 +75,18 @@ class ReceivedMessage:
 Handler = Callable[[ReceivedMessage], None]
 
 
+_paho_logger = logging.getLogger(f"{__name__}.paho")
+
+
+def _log_paho(client, userdata, level: int, text: str) -> None:
+    # paho 2.2 reports "Client is not connected" as an error each time its loop runs while it waits
+    # to reconnect or stops; our own connect/disconnect log lines already say so.
+    severity = mqtt.LOGGING_LEVEL.get(level, logging.DEBUG)
+    if text.startswith("Client is not connected"):
+        severity = logging.DEBUG
+    _paho_logger.log(severity, "%s", text)
+
+
 def _share_stripped(topic_filter: str) -> str:
     """The filter a shared subscription matches against (``$share/<group>/`` removed)."""
     if topic_filter.startswith("$share/"):
@@ -153,7 +165,7 @@ class MqttConnection:
             manual_ack=self.manual_ack,
             **kwargs,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.on_log = _log_paho
         client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
@@ -172,6 +184,7 @@ class MqttConnection:
         client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_connect_fail = self._handle_connect_fail
         return client
 
     def __enter__(self) -> MqttConnection:
@@ -187,23 +200,22 @@ class MqttConnection:
     # --- connection -------------------------------------------------------------------------------
 
     def connect(self, timeout_s: float = 10.0) -> None:
-        """Connect (blocking until CONNACK) and start the network loop; raise if refused or silent."""
+        """Connect and start the network loop; return once CONNACK and all SUBACKs are in.
+
+        Raises :class:`TransportError` if the broker refuses (the reason code is in the message) or
+        does not answer within ``timeout_s``; the connection is then closed.
+        """
+        if self._closing:
+            raise TransportError(f"connection {self.client_id} is closed; make a new one")
         if self.dispatch == "worker" and self._worker is None:
             self._worker = threading.Thread(
                 target=self._work, name=f"mqtt-handlers-{self.client_id}", daemon=True
             )
             self._worker.start()
-        if self.protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = self.session_expiry_s
-            self._client.connect_async(
-                self.broker.host, self.broker.port, self.keepalive_s, clean_start=False, properties=properties
-            )
-        else:
-            self._client.connect_async(self.broker.host, self.broker.port, self.keepalive_s)
-        self._client.loop_start()
         deadline = time.monotonic() + timeout_s
-        if self._connack.wait(timeout_s) and self._connected.is_set():
+        self._open_socket(deadline)
+        self._client.loop_start()  # from here on paho reconnects by itself, with backoff
+        if self._connack.wait(max(0.0, deadline - time.monotonic())) and self._connected.is_set():
             # Return only once the subscriptions are in place, so nothing published next is missed.
             with self._suback_ready:
                 ready = self._suback_ready.wait_for(
@@ -211,14 +223,37 @@ class MqttConnection:
                 )
             if ready:
                 return
-            self._client.disconnect()
-            self._client.loop_stop()
+            self.close()
             raise TransportError(f"no SUBACK from {self.broker} within {timeout_s:g} s")
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.close()
         if self._refused is not None:
             raise TransportError(f"{self.broker} refused {self.client_id}: {self._refused.getName()}")
         raise TransportError(f"no CONNACK from {self.broker} within {timeout_s:g} s")
+
+    def _open_socket(self, deadline: float) -> None:
+        """First TCP/TLS connection and CONNECT, retried until ``deadline``; the error says why it failed.
+
+        Done here rather than in paho's loop because the loop swallows the cause (a refused port, a
+        certificate the CA did not sign) into a DEBUG line.
+        """
+        kwargs: dict = {}
+        if self.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
+            kwargs = {"clean_start": False, "properties": properties}
+        delay = 0.1
+        while True:
+            try:
+                self._client.connect(self.broker.host, self.broker.port, self.keepalive_s, **kwargs)
+                return
+            except OSError as exc:  # refused, unreachable, timeout, TLS (ssl.SSLError)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.close()
+                    raise TransportError(f"cannot connect to {self.broker}: {exc}") from exc
+                logger.warning("cannot connect %s to %s (%s); retrying", self.client_id, self.broker, exc)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 5.0)
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Block until connected (e.g. after a broker restart); False on timeout."""
@@ -229,8 +264,7 @@ class MqttConnection:
         if self._closing:
             return
         self._closing = True
-        if self._connected.is_set():
-            self._client.disconnect()
+        self._client.disconnect()  # also stops paho retrying while it is still connecting
         self._client.loop_stop()
         self._connected.clear()
         if self._worker is not None:
@@ -272,12 +306,20 @@ class MqttConnection:
             except Exception:
                 logger.exception("on_connect hook of %s failed", self.client_id)
 
+    def _handle_connect_fail(self, client, userdata) -> None:
+        if not self._closing:
+            logger.warning(
+                "%s: reconnecting to %s failed; retrying with backoff", self.client_id, self.broker
+            )
+
     def _handle_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
         self._connected.clear()
         with self._lock:
             self._resubscribing.clear()
         if self._closing:
             logger.info("disconnected %s from %s", self.client_id, self.broker)
+        elif self._refused is not None:  # the refusal itself was logged as an error
+            logger.info("%s: connection closed after the refusal; retrying with backoff", self.client_id)
         else:
             logger.warning(
                 "lost connection of %s to %s: %s; reconnecting with backoff",

@@ -59,6 +59,7 @@ class InProcessRun:
         self.data = data
         self.spec = spec
         self.task_id = f"{config.fleet}-{spec.strategy}-{spec.seed}"
+        self.finals: dict = {}  # device id -> FinalModel, after run()
 
     def _announce(self, round_no: int, body: Body | None) -> tuple[bytes, dict | None]:
         announcement = messages.RoundAnnouncement(
@@ -134,6 +135,7 @@ class InProcessRun:
         _, final_body = self._announce(cfg.rounds + 1, body)
         for device_id, client in clients.items():
             final = client.finalize(final_body)
+            self.finals[device_id] = final
             result.devices.append(
                 DeviceResult(
                     device_id=device_id,

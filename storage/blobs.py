@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
-from fedmask.storage.dialect import insert_for
 from fedmask.storage.errors import BlobIntegrityError, PayloadPrunedError, StorageError
 from fedmask.storage.schema import Blob
+from fedmask.storage.statements import hot_statements
 from sqlalchemy import Connection, select
 
 
@@ -22,13 +22,9 @@ def put_blob(connection: Connection, data: bytes, now: dt.datetime) -> str:
     whose bytes were pruned gets them back.
     """
     digest = sha256_hex(data)
-    insert = insert_for(connection, Blob).values(
-        sha256=digest, size_bytes=len(data), data=data, created_at=now
-    )
     connection.execute(
-        insert.on_conflict_do_update(
-            index_elements=[Blob.sha256], set_={"data": insert.excluded.data}, where=Blob.data.is_(None)
-        )
+        hot_statements(connection.dialect.name).put_blob,
+        {"sha256": digest, "size_bytes": len(data), "data": data, "created_at": now},
     )
     return digest
 

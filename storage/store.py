@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from fedmask.storage import housekeeping, migrate, queries, validation
 from fedmask.storage.blobs import put_blob, read_blob, sha256_hex, verified
-from fedmask.storage.dialect import insert_for
 from fedmask.storage.engine import make_engine, normalize_url, read_transaction, write_transaction
 from fedmask.storage.errors import RoundClosedError, StorageError
 from fedmask.storage.records import (
@@ -44,6 +43,7 @@ from fedmask.storage.schema import (
     Task,
     Update,
 )
+from fedmask.storage.statements import hot_statements, insert_for
 from fedmask.storage.types import require_utc, utcnow
 from sqlalchemy import Connection, Engine, case, func, select, update
 from sqlalchemy.engine import URL
@@ -262,45 +262,25 @@ class Store:
         now = utcnow()
         try:
             with write_transaction(self._engine) as connection:
+                hot = hot_statements(connection.dialect.name)
                 task = self._task(connection, task_id)
-                # A shared lock on the round: concurrent updates proceed, close_round waits for them.
+                device_pk = self._device_pk(connection, task.fleet_pk, device_id, now)
                 round_row = connection.execute(
-                    select(Round.id, Round.state)
-                    .where(Round.task_pk == task.pk, Round.round_no == round_no)
-                    .with_for_update(read=True)
+                    hot.round_for_update, {"task_pk": task.pk, "round_no": round_no, "device_pk": device_pk}
                 ).one_or_none()
                 if round_row is None:
                     raise StorageError(f"task {task_id!r} has no round {round_no}; open_round() it first")
-                device_pk = self._device_pk(connection, task.fleet_pk, device_id, now)
-                already = select(Update.id).where(
-                    Update.round_pk == round_row.id, Update.device_pk == device_pk
-                )
-                if connection.execute(already).first() is not None:
+                if round_row.existing is not None:
                     return False
                 if round_row.state != "open":
                     raise RoundClosedError(f"round {round_no} of task {task_id!r} is closed; update refused")
                 digest = put_blob(connection, payload, now)
+                row = {"round_pk": round_row.id, "device_pk": device_pk, "payload_sha256": digest}
+                row.update(payload_bytes=len(payload), received_at=now, **values)
                 # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING.
-                inserted = connection.execute(
-                    insert_for(connection, Update)
-                    .values(
-                        round_pk=round_row.id,
-                        device_pk=device_pk,
-                        payload_sha256=digest,
-                        payload_bytes=len(payload),
-                        received_at=now,
-                        **values,
-                    )
-                    .on_conflict_do_nothing(index_elements=[Update.round_pk, Update.device_pk])
-                    .returning(Update.id)
-                ).first()
-                if inserted is None:  # a concurrent delivery of the same update committed first
-                    raise _AlreadyStored
-                connection.execute(
-                    update(Device)
-                    .where(Device.id == device_pk, Device.last_seen_at < now)
-                    .values(last_seen_at=now)
-                )
+                if connection.execute(hot.insert_update, row).first() is None:
+                    raise _AlreadyStored  # a concurrent delivery of the same update committed first
+                connection.execute(hot.touch_device, {"device_pk": device_pk, "now": now})
         except _AlreadyStored:
             return False
         return True

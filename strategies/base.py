@@ -157,6 +157,11 @@ class Strategy(abc.ABC):
 
     name: str = ""
     description: str = ""
+    defaults: dict[str, Any] = {}  # the strategy's own hyperparameter defaults over DEFAULT_HYPER
+
+    def effective_hyper(self, spec: TaskSpec) -> dict[str, Any]:
+        """Every hyperparameter this strategy will use for ``spec`` (what a task message carries)."""
+        return {**DEFAULT_HYPER, **self.defaults, **spec.hyper}
 
     @abc.abstractmethod
     def server(self, spec: TaskSpec) -> ServerHalf: ...

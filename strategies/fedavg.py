@@ -118,6 +118,7 @@ class FedAvgClient(ClientHalf):
 
 
 class FedAvg(Strategy):
+    defaults = DEFAULTS
     name = "fedavg"
     description = "one global dense model, sample-weighted average of device weights"
 

@@ -134,6 +134,7 @@ class FedMaskClient(ClientHalf):
 
 
 class FedMask(Strategy):
+    defaults = DEFAULTS
     name = "fedmask"
     description = "binary masks over frozen random weights, aggregated on the overlap, then fine-tuned"
 

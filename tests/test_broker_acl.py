@@ -10,11 +10,10 @@ has arrived, a refused message that had been let through would already be there.
 from __future__ import annotations
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
-
 from fedmask.broker_config.credentials import Credentials
 from fixtures.broker import AGGREGATOR, MQTT_V5, MQTT_V311, wait_until
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 pytestmark = pytest.mark.broker
 
@@ -116,6 +115,14 @@ def test_device_cannot_write_down_topics(mosquitto, mqtt_probe):
     device = mqtt_probe(mosquitto, "dev-3")
     assert device.publish(topic("down", "dev-3"), b"forged").value == NOT_AUTHORIZED
     assert device.publish(topic("down", "dev-4"), b"forged").value == NOT_AUTHORIZED
+
+
+def test_plus_in_acl_patterns_matches_exactly_one_topic_level(mosquitto, mqtt_probe):
+    device = mqtt_probe(mosquitto, "dev-5")
+    for fleet in ("fleet-a", "fleet-b", "x"):  # `+` stands for any one fleet name
+        assert accepted(device.publish(f"fedmask/v1/{fleet}/up/dev-5", b"u")), fleet
+    for name in ("fedmask/v1/up/dev-5", "fedmask/v1/a/b/up/dev-5", "fedmask/v1/fleet-a/up/dev-5/extra"):
+        assert device.publish(name, b"u").value == NOT_AUTHORIZED, name
 
 
 def test_device_publishes_its_own_up_and_state(mosquitto, mqtt_probe):

@@ -8,7 +8,6 @@ import string
 from pathlib import Path
 
 import pytest
-
 from fedmask.broker_config import configs
 from fedmask.broker_config.configs import (
     ConfigFileError,
@@ -103,7 +102,7 @@ def test_anonymous_test_config_drops_password_file_and_acl(tmp_path):
 def test_authenticated_test_config_requires_a_password_file(tmp_path):
     with pytest.raises(ConfigFileError, match="needs a password_file"):
         render_test_config(port=4321, persistence_dir=tmp_path)
-    with pytest.raises(ConfigFileError, match="port must be 1..65535"):
+    with pytest.raises(ConfigFileError, match=r"port must be 1\.\.65535"):
         render_test_config(port=70000, persistence_dir=tmp_path, anonymous=True)
 
 
@@ -154,13 +153,13 @@ def test_password_file_errors_name_file_and_line(tmp_path):
 # --- account names and credentials files ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "dev+1", "dev#", "a:b", " dev", "-dev", "dév", "x" * 129])
+@pytest.mark.parametrize("bad", ["", "a/b", "dev+1", "dev#", "a:b", " dev", "-dev", "dév", "$SYS", "x" * 65])
 def test_device_ids_that_would_break_the_acl_or_the_file_are_refused(bad):
-    with pytest.raises(CredentialsError, match="expected 1-128 characters"):
+    with pytest.raises(CredentialsError, match="expected 1-64 characters"):
         validate_username(bad)
 
 
-@pytest.mark.parametrize("good", ["dev-1", "Pi4.kitchen_02", "x" * 128, "7"])
+@pytest.mark.parametrize("good", ["dev-1", "Pi4.kitchen_02", "x" * 64, "7"])
 def test_plain_device_ids_are_accepted(good):
     assert validate_username(good) == good
 

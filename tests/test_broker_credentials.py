@@ -7,7 +7,6 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from fedmask.broker_config.binaries import find_mosquitto, find_mosquitto_passwd
 from fedmask.broker_config.credentials import (
     Credentials,
@@ -78,7 +77,9 @@ def test_hashes_written_by_mosquitto_passwd_verify_with_our_reader(tmp_path):
 def test_device_added_to_a_running_broker_logs_in_after_reload(empty_broker, mqtt_probe):
     first = add_device(empty_broker.password_file, "dev-3")
     empty_broker.reload()
-    wait_until(lambda: login(empty_broker, mqtt_probe, Credentials("dev-3", first)), 5.0, "login after SIGHUP")
+    wait_until(
+        lambda: login(empty_broker, mqtt_probe, Credentials("dev-3", first)), 5.0, "login after SIGHUP"
+    )
 
     second = add_device(empty_broker.password_file, "dev-3")  # rotate the secret
     assert second != first

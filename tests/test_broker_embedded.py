@@ -6,7 +6,6 @@ import socket
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
 from fedmask.broker_config.binaries import BrokerUnavailableError, find_mosquitto
 from fedmask.broker_config.credentials import Credentials
 from fedmask.broker_config.embedded import BrokerStartError, EmbeddedBroker

@@ -10,30 +10,22 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from fedmask.broker_config import configs
 from fedmask.broker_config.binaries import find_mosquitto
 from fedmask.broker_config.configs import current_user, remap_listeners, set_options
 from fedmask.broker_config.credentials import Credentials
 from fedmask.broker_config.embedded import MosquittoProcess, free_loopback_port, wait_until_listening
 from fedmask.broker_config.passwords import hash_password, write_password_file
-from fixtures.broker import MqttProbe
+from fixtures.broker import Endpoint, MqttProbe
 
 pytestmark = [
     pytest.mark.broker,
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed"),
 ]
 USERS = ("aggregator", "health", "dev-1", "dev-2")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
 
 
 class ProductionBroker:
@@ -131,8 +123,14 @@ def test_a_client_that_does_not_trust_the_private_ca_cannot_connect(production):
 
 
 def test_anonymous_clients_are_refused_on_every_listener(production, mqtt_probe):
-    for port, tls in ((production.port, True), (production.worker_port, True), (production.health_port, False)):
-        probe = mqtt_probe(production, port=port, tls=str(production.ca) if tls else None, expect_refusal=True)
+    for port, tls in (
+        (production.port, True),
+        (production.worker_port, True),
+        (production.health_port, False),
+    ):
+        probe = mqtt_probe(
+            production, port=port, tls=str(production.ca) if tls else None, expect_refusal=True
+        )
         assert probe.connack.is_failure, port
 
 

@@ -136,6 +136,34 @@ def test_all_zero_layer_keeps_one_unit_so_no_tensor_is_empty() -> None:
     assert _max_diff(model, compacted, torch.rand(4, 3, 16, 16)) == 0.0
 
 
+def test_unit_multiple_tops_up_with_all_zero_units() -> None:
+    model = _cnn(bias=True)
+    _zero_rows(model[0], [1, 4, 6])  # conv1 keeps 5 of 8
+    _zero_rows(model[7], [0, 3, 5])  # fc1 keeps 13 of 16
+    compacted, report = compact_with_report(model, unit_multiple=4)
+    assert [(layer.units_after, layer.zero_units) for layer in report.layers] == [
+        (8, 3),  # 5 rounded up to 8 (capped at the layer's width)
+        (6, 0),  # 6 cannot round to 8 beyond its 6 units
+        (16, 3),
+        (5, 0),  # the output layer is never padded
+    ]
+    # the padding units are exactly zero, weights and biases, and outputs are unchanged
+    fc1 = compacted[7]
+    assert int((fc1.weight.abs().sum(dim=1) + fc1.bias.abs() == 0).sum()) == 3
+    assert _max_diff(model, compacted, torch.rand(8, 3, 16, 16)) <= TOLERANCE
+    with pytest.raises(ValueError, match="unit_multiple"):
+        compact(model, unit_multiple=0)
+
+
+def test_unit_multiple_pads_lstm_units_with_zero_gates() -> None:
+    model = _lstm_model()
+    _zero_gate(model, unit=2, gates="g")
+    _zero_gate(model, unit=4, gates="g")
+    compacted, report = compact_with_report(model, unit_multiple=5)
+    assert (report.layers[1].units_after, report.layers[1].zero_units) == (5, 1)
+    assert _max_diff(model, compacted, _tokens()) <= TOLERANCE
+
+
 def test_nested_sequential_is_flattened() -> None:
     model = _cnn(bias=False)
     nested = nn.Sequential(nn.Sequential(*model[:3]), nn.Sequential(*model[3:])).eval()

@@ -56,39 +56,39 @@ def test_db_upgrade_creates_the_schema(sqlite_url: str, capsys: pytest.CaptureFi
 
 
 def test_queries_print_tables_and_json(
-    db_url: str, populated: dict, capsys: pytest.CaptureFixture[str]
+    store_url: str, populated: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    header, _rule, *rows = run(capsys, "devices", "--fleet", FLEET, "--db", db_url).splitlines()
+    header, _rule, *rows = run(capsys, "devices", "--fleet", FLEET, "--db", store_url).splitlines()
     assert header.split()[:3] == ["FLEET", "DEVICE", "PRESENCE"]
     assert [row.split()[1:3] for row in rows] == [["pi-1", "online"], ["pi-2", "-"]]
 
-    out = run(capsys, "devices", "--fleet", FLEET, "--json", "--db", db_url)
+    out = run(capsys, "devices", "--fleet", FLEET, "--json", "--db", store_url)
     devices = json.loads(out)
     assert [d["device_id"] for d in devices] == ["pi-1", "pi-2"]
     assert devices[0]["capabilities"] == {"cpu": "cortex-a72"}
     assert dt.datetime.fromisoformat(devices[0]["last_seen_at"]).tzinfo is not None
 
-    out = run(capsys, "rounds", "--task", TASK, "--json", "--db", db_url)
+    out = run(capsys, "rounds", "--task", TASK, "--json", "--db", store_url)
     (round_1,) = json.loads(out)
     assert (round_1["participants"], round_1["rejections"], round_1["closed_by"]) == (2, 1, "quorum")
     assert round_1["payload_bytes"] == 6000
 
-    out = run(capsys, "round", "1", "--task", TASK, "--db", db_url)
+    out = run(capsys, "round", "1", "--task", TASK, "--db", store_url)
     assert "closed by quorum" in out and "pi-1" in out and "pi-2" in out
     assert "bad_checksum" in out and "crc32 mismatch" in out
 
-    out = run(capsys, "models", "list", "--min-accuracy", "0.8", "--json", "--db", db_url)
+    out = run(capsys, "models", "list", "--min-accuracy", "0.8", "--json", "--db", store_url)
     assert [(m["device_id"], m["accuracy"]) for m in json.loads(out)] == [("pi-1", 0.875)]
-    out = run(capsys, "models", "list", "--min-accuracy", "0.9", "--json", "--db", db_url)
+    out = run(capsys, "models", "list", "--min-accuracy", "0.9", "--json", "--db", store_url)
     assert json.loads(out) == []
 
 
 def test_models_export_writes_the_stored_bytes(
-    db_url: str, populated: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store_url: str, populated: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for fmt, stored_as in (("tflite", "tflite"), ("torch", "weights"), ("mask", "mask")):
         target = tmp_path / f"pi-1.{fmt}"
-        run(capsys, "models", "export", "pi-1", "--format", fmt, "-o", str(target), "--db", db_url)
+        run(capsys, "models", "export", "pi-1", "--format", fmt, "-o", str(target), "--db", store_url)
         assert target.read_bytes() == populated[stored_as]
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
@@ -108,14 +108,14 @@ def test_db_prune_frees_old_payloads(sqlite_url: str, capsys: pytest.CaptureFixt
 
 
 def test_database_url_comes_from_the_environment(
-    db_url: str, populated: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    store_url: str, populated: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("FEDMASK_DB", db_url)
+    monkeypatch.setenv("FEDMASK_DB", store_url)
     assert [m["device_id"] for m in json.loads(run(capsys, "models", "list", "--json"))] == ["pi-1"]
 
 
 def test_errors_are_clear_and_exit_nonzero(
-    db_url: str,
+    store_url: str,
     populated: dict,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -127,13 +127,14 @@ def test_errors_are_clear_and_exit_nonzero(
     assert not (tmp_path / "absent.db").exists()  # a query never creates an empty database
 
     assert (
-        main(["models", "export", "pi-9", "--format", "mask", "-o", str(tmp_path / "x"), "--db", db_url]) == 1
+        main(["models", "export", "pi-9", "--format", "mask", "-o", str(tmp_path / "x"), "--db", store_url])
+        == 1
     )
     assert "no personalized model stored for device 'pi-9'" in caplog.text
-    assert main(["devices", "--fleet", "meadow", "--db", db_url]) == 1
+    assert main(["devices", "--fleet", "meadow", "--db", store_url]) == 1
     assert "unknown fleet 'meadow'" in caplog.text
 
     with pytest.raises(SystemExit) as usage:
-        main(["round", "1", "--db", db_url])
+        main(["round", "1", "--db", store_url])
     assert usage.value.code == 2
     assert "--task is required" in capsys.readouterr().err

@@ -42,15 +42,22 @@ def aggregator_process(url: str, count: int) -> None:
     """Child: record ``count`` updates to round 1, printing an ack after each commit, as the aggregator
     acknowledges to the broker only after record_update returned."""
     with Store(url) as store:
+        print("ready", flush=True)
         for index in range(count):
             record(store, device_name(index))
             print(f"acked {device_name(index)}", flush=True)
 
 
 def start_aggregator(url: str, count: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """The child process, once it has imported everything and is about to write."""
+    child = subprocess.Popen(
         [sys.executable, __file__, url, str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    if child.stdout.readline().strip() != "ready":
+        raise AssertionError(
+            f"aggregator child failed to start: {child.communicate(timeout=CHILD_TIMEOUT_S)[1]}"
+        )
+    return child
 
 
 @pytest.fixture
@@ -60,15 +67,15 @@ def open_round(store: Store) -> Store:
     return store
 
 
-def test_aggregator_and_query_cli_write_at_once(db_url: str, open_round: Store) -> None:
-    updates = 40
-    child = start_aggregator(db_url, updates)
+def test_aggregator_and_query_cli_write_at_once(store_url: str, open_round: Store) -> None:
+    updates = 60
+    child = start_aggregator(store_url, updates)
     overlapping_writes = 0
     cli_failures: list[tuple[list[str], int]] = []
     while child.poll() is None:
         # The operator's side: the CLI prunes (a write) and queries while the aggregator ingests.
         for argv in (["db", "prune", "--keep", "1"], ["rounds", "--json"], ["round", "1", "--task", TASK]):
-            if code := fedmask_main([*argv, "--db", db_url]):
+            if code := fedmask_main([*argv, "--db", store_url]):
                 cli_failures.append((argv, code))
         open_round.record_rejection(
             FLEET, reason="unknown_device", detail="probe", device_id=f"x{overlapping_writes}"
@@ -88,8 +95,8 @@ def test_aggregator_and_query_cli_write_at_once(db_url: str, open_round: Store) 
     assert len([d for d in open_round.list_devices(FLEET) if d.presence == "online"]) == 1
 
 
-def test_every_acknowledged_update_survives_a_crash(db_url: str, open_round: Store) -> None:
-    child = start_aggregator(db_url, 100_000)
+def test_every_acknowledged_update_survives_a_crash(store_url: str, open_round: Store) -> None:
+    child = start_aggregator(store_url, 100_000)
     acked: list[str] = []
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     while len(acked) < 10 and time.monotonic() < deadline:
@@ -100,7 +107,7 @@ def test_every_acknowledged_update_survives_a_crash(db_url: str, open_round: Sto
     child.communicate(timeout=CHILD_TIMEOUT_S)
     assert len(acked) == 10
 
-    with Store(db_url) as restarted:
+    with Store(store_url) as restarted:
         stored = {u.device_id: u.payload for u in restarted.accepted_updates(TASK, 1)}
         for device in acked:
             assert stored[device] == payload_for(device)
@@ -111,7 +118,7 @@ def test_every_acknowledged_update_survives_a_crash(db_url: str, open_round: Sto
         assert restarted.latest_round(TASK).participants == sorted(stored)
 
 
-def test_racing_deliveries_of_one_update_store_it_once(db_url: str, open_round: Store) -> None:
+def test_racing_deliveries_of_one_update_store_it_once(store_url: str, open_round: Store) -> None:
     devices = [device_name(i) for i in range(8)]
     for device in devices:
         open_round.upsert_device(FLEET, device)  # so the racers collide on the update, not the device
@@ -120,7 +127,7 @@ def test_racing_deliveries_of_one_update_store_it_once(db_url: str, open_round: 
     barrier = threading.Barrier(2)
 
     def deliver() -> None:
-        with Store(db_url) as store:
+        with Store(store_url) as store:
             for device in devices:
                 barrier.wait()
                 try:

@@ -146,7 +146,7 @@ def test_open_round_is_idempotent_and_keeps_the_first_settings(ready: Store) -> 
     assert (again.quorum, again.deadline, again.opened_at) == (first.quorum, first.deadline, first.opened_at)
 
 
-def test_a_restarted_aggregator_rebuilds_the_open_round(db_url: str, ready: Store) -> None:
+def test_a_restarted_aggregator_rebuilds_the_open_round(store_url: str, ready: Store) -> None:
     payloads = {f"pi-{i:02d}": os.urandom(2048) for i in range(5)}
     for device, payload in payloads.items():
         assert send(ready, device, payload)
@@ -156,7 +156,7 @@ def test_a_restarted_aggregator_rebuilds_the_open_round(db_url: str, ready: Stor
     assert send(ready, "pi-03", payloads["pi-03"] + b"r2", round_no=2, base_round=1)
     ready.close()
 
-    with Store(db_url) as restarted:  # a new process would see exactly this
+    with Store(store_url) as restarted:  # a new process would see exactly this
         latest = restarted.latest_round(TASK)
         assert (latest.round_no, latest.state, latest.quorum, latest.participants) == (
             2,

@@ -1,0 +1,175 @@
+"""The aggregator service: the round manager wired to MQTT.
+
+One MQTT session (persistent, manual acknowledgements) subscribes to every device's uplink and presence.
+Handlers run on the transport's single worker thread, and a ticker thread checks deadlines; both go
+through one lock, so the round manager never sees two things at once. An uplink message is acknowledged
+to the broker only after the round manager has committed it (accepted or rejected) to the store; the
+frames of a chunked update are all acknowledged together once the whole update is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+from fedmask.aggregator.round_manager import Outbound, RoundManager
+from fedmask.protocol import messages
+from fedmask.protocol.chunking import Reassembler, publications
+from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.topics import Topics
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage
+
+logger = logging.getLogger(__name__)
+
+
+class AggregatorService:
+    def __init__(
+        self,
+        broker: str,
+        fleet: str,
+        task: messages.Task,
+        store,
+        *,
+        protocol: str = "5",
+        client_id: str | None = None,
+        tick_s: float = 0.2,
+        shared_group: str | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.topics = Topics(fleet)
+        self.manager = RoundManager(fleet, task, store)
+        self.max_payload = task.schedule.max_payload
+        self.tick_s = tick_s
+        self.shared_group = shared_group
+        self.reassembler = Reassembler(on_expired=self._on_expired)
+        self._held: dict[str, list[ReceivedMessage]] = defaultdict(list)  # frames awaiting their update
+        self._frames_left: dict[str, int] = {}  # retained chunk frames we published per topic
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.finished = threading.Event()
+        self.published_bytes = 0
+        self.connection = MqttConnection(
+            broker,
+            client_id or f"fedmask-aggregator-{fleet}",
+            protocol=protocol,
+            manual_ack=True,
+            dispatch="worker",
+        )
+        self._ticker = threading.Thread(target=self._tick_loop, name="aggregator-ticker", daemon=True)
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> AggregatorService:
+        up, state = self.topics.aggregator_filters(self.shared_group)
+        self.connection.subscribe(up, self._on_up)
+        self.connection.subscribe(state, self._on_state)
+        self.connection.connect()
+        with self._lock:
+            self._publish(self.manager.start())
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+        self.connection.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every device reported its personalized model (or finalization timed out)."""
+        return self.finished.wait(timeout)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                with self._lock:
+                    self._publish(self.manager.tick())
+                    if self.manager.done:
+                        self.finished.set()
+            except Exception:  # keep serving: a failed tick is retried at the next one
+                logger.exception("aggregator tick failed")
+
+    # ----- publishing -------------------------------------------------------------------------
+
+    def _publish(self, outbound: list[Outbound]) -> None:
+        for item in outbound:
+            plan = publications(
+                item.topic,
+                item.payload,
+                max_payload=self.max_payload,
+                retain=item.retain,
+                previous_frames=self._frames_left.get(item.topic, 0),
+            )
+            if item.retain:
+                self._frames_left[item.topic] = sum(1 for p in plan if p.payload and p.topic != item.topic)
+            for publication in plan:
+                self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
+                self.published_bytes += len(publication.payload)
+
+    # ----- inbound ----------------------------------------------------------------------------
+
+    def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
+        with self._lock:
+            self.manager.reject(error.reason, error.detail, device=sender, topic=self.topics.up(sender), size=0)
+            for frame in self._held.pop(sender, []):
+                self.connection.ack(frame)
+
+    def _on_state(self, message: ReceivedMessage) -> None:
+        with self._lock:
+            try:
+                device = self.topics.parse(message.topic).device
+                if message.payload:  # an empty retained message clears a presence
+                    presence = messages.decode(message.payload, messages.Presence, fleet=self.fleet)
+                    if presence.device != device:
+                        raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
+                    self.manager.on_presence(device, presence)
+            except ProtocolError as exc:
+                self.manager.reject(exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload))
+            self.connection.ack(message)
+
+    def _on_up(self, message: ReceivedMessage) -> None:
+        with self._lock:
+            try:
+                self._handle_up(message)
+            except Exception:
+                # Never let one message stop the service; it is acked so it cannot wedge the session.
+                logger.exception("failed to handle a message on %s", message.topic)
+                self.connection.ack(message)
+
+    def _handle_up(self, message: ReceivedMessage) -> None:
+        size = len(message.payload)
+        try:
+            device = self.topics.parse(message.topic).device
+        except ProtocolError as exc:
+            self.manager.reject(exc.reason, exc.detail, device=None, topic=message.topic, size=size)
+            self.connection.ack(message)
+            return
+        assert device is not None
+        try:
+            payload = self.reassembler.accept(device, message.payload)
+        except ProtocolError as exc:
+            if exc.reason is not Rejection.DUPLICATE_CHUNK:
+                self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=size)
+            self.connection.ack(message)
+            return
+        if payload is None:  # more frames to come: ack them all once the update is stored
+            self._held[device].append(message)
+            return
+        outbound: list[Outbound] = []
+        try:
+            decoded = messages.decode(payload, (messages.Update, messages.Result), fleet=self.fleet)
+        except ProtocolError as exc:
+            self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload))
+        else:
+            if isinstance(decoded, messages.Update):
+                _, outbound = self.manager.on_update(device, decoded, payload, message.topic)
+            else:
+                self.manager.on_result(device, decoded, payload, message.topic)
+        # Stored (accepted or rejected) and committed: now the broker may forget these messages.
+        for frame in self._held.pop(device, []):
+            self.connection.ack(frame)
+        self.connection.ack(message)
+        self._publish(outbound)
+        if self.manager.done:
+            self.finished.set()

@@ -1,0 +1,282 @@
+"""The on-device process: joins a fleet's task, trains when a round opens, finalizes on command.
+
+The agent holds one persistent MQTT session (its client id is its device id), announces itself on its
+retained state topic (its last will flips that to offline), and reacts to three things:
+
+- the retained **task**: it derives the frozen weights from the task's seed and refuses the task when
+  its own digest differs (a device with another numeric library would otherwise train garbage);
+- the retained **round** announcement: it merges the global body, trains for the round, and publishes
+  its update (chunked under the task's payload limit), then records the round in its state file;
+- a **finalize** directive on its downlink: it builds, compacts, exports and measures its personalized
+  model with the TFLite runtime and publishes the result.
+
+The state file (``<state_dir>/<device>.npz``, arrays only) makes a restart resume where it stopped: it
+skips rounds it already answered and keeps the strategy's local state (FedMask's scores, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmask.protocol import messages
+from fedmask.protocol.chunking import Reassembler, publications
+from fedmask.protocol.errors import ProtocolError
+from fedmask.protocol.topics import Topics
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage, Will
+from fedmask.strategies import ClientHalf, TaskSpec, get_strategy
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "state__"
+
+
+def spec_from_task(task: messages.Task) -> TaskSpec:
+    return TaskSpec(
+        strategy=task.strategy,
+        arch=task.arch,
+        num_classes=task.num_classes,
+        seed=task.seed,
+        arch_kwargs=dict(task.arch_kwargs),
+        mask_config=dict(task.mask_config),
+        hyper=dict(task.hyper),
+    )
+
+
+def task_digest(spec: TaskSpec) -> str:
+    """The digest of the frozen weights this device derives for a task."""
+    from fedmask.models import weights_digest
+    from fedmask.models.layers import WeightMode
+    from fedmask.strategies.model_factory import build_for
+
+    return weights_digest(build_for(spec, WeightMode.MASK))
+
+
+class AgentState:
+    """The small file that lets an agent survive its own restart (written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.task_id: str | None = None
+        self.last_round = 0
+        self.finalized = False
+        self.client_state: dict[str, np.ndarray] = {}
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        with np.load(self.path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            self.client_state = {k[len(STATE_PREFIX) :]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
+        self.task_id = meta.get("task_id")
+        self.last_round = int(meta.get("last_round", 0))
+        self.finalized = bool(meta.get("finalized", False))
+
+    def save(self) -> None:
+        meta = json.dumps({"task_id": self.task_id, "last_round": self.last_round, "finalized": self.finalized})
+        arrays = {STATE_PREFIX + k: v for k, v in self.client_state.items()}
+        tmp = self.path.with_suffix(".tmp.npz")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, meta=np.array(meta), **arrays)
+        os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one, never half
+
+
+class DeviceAgent:
+    def __init__(
+        self,
+        broker: str,
+        fleet: str,
+        device_id: str,
+        data: Any,
+        *,
+        state_dir: str | os.PathLike[str],
+        protocol: str = "5",
+        capabilities: dict[str, Any] | None = None,
+        train_lock: threading.Semaphore | None = None,
+        latency_runs: int = 50,
+    ) -> None:
+        self.fleet = fleet
+        self.device_id = device_id
+        self.data = data
+        self.topics = Topics(fleet)
+        self.state = AgentState(Path(state_dir) / f"{device_id}.npz")
+        self.capabilities = capabilities or {"samples": int(len(data.y_train)), "runtime": "tflite"}
+        self.train_lock = train_lock or threading.Semaphore(1)
+        self.latency_runs = latency_runs
+        self.task: messages.Task | None = None
+        self.spec: TaskSpec | None = None
+        self.client: ClientHalf | None = None
+        self.global_body: dict[str, np.ndarray] | None = None
+        self.pending_round: messages.RoundAnnouncement | None = None
+        self.reassembler = Reassembler()
+        self.bytes_sent = 0
+        self.refused_task: str | None = None
+        self.finished = threading.Event()
+        offline = messages.Presence(fleet=fleet, device=device_id, status="offline", at=0.0)
+        self.connection = MqttConnection(
+            broker,
+            device_id,
+            protocol=protocol,
+            will=Will(self.topics.state(device_id), messages.encode(offline)),
+            dispatch="worker",
+            on_connect=self._announce_presence,
+        )
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> DeviceAgent:
+        for topic_filter in self.topics.device_filters(self.device_id):
+            self.connection.subscribe(topic_filter, self._on_message)
+        self.connection.connect()
+        return self
+
+    def stop(self) -> None:
+        """Leave cleanly: presence offline (retained), then disconnect."""
+        try:
+            offline = messages.Presence(fleet=self.fleet, device=self.device_id, status="offline", at=time.time())
+            self.connection.publish(self.topics.state(self.device_id), messages.encode(offline), retain=True, timeout_s=5)
+        except Exception:  # the broker may already be gone; the last will covers us then
+            logger.debug("could not publish offline presence", exc_info=True)
+        self.connection.close()
+
+    def _announce_presence(self, session_present: bool) -> None:
+        online = messages.Presence(
+            fleet=self.fleet, device=self.device_id, status="online", at=time.time(), capabilities=self.capabilities
+        )
+        self.connection.publish(self.topics.state(self.device_id), messages.encode(online), retain=True, wait=False)
+
+    # ----- inbound ----------------------------------------------------------------------------
+
+    def _on_message(self, message: ReceivedMessage) -> None:
+        try:
+            route = self.topics.parse(message.topic)
+            payload = self.reassembler.accept(route.kind, message.payload)
+            if payload is None:
+                return
+            if route.kind == "task":
+                self._on_task(messages.decode(payload, messages.Task, fleet=self.fleet))
+            elif route.kind == "round":
+                self._on_round(messages.decode(payload, messages.RoundAnnouncement, fleet=self.fleet))
+            elif route.kind == "down":
+                self._on_directive(messages.decode(payload, messages.Directive, fleet=self.fleet))
+        except ProtocolError as exc:
+            logger.warning("%s: ignored a message on %s: %s", self.device_id, message.topic, exc)
+        except Exception:
+            logger.exception("%s: failed to handle a message on %s", self.device_id, message.topic)
+
+    def _on_task(self, task: messages.Task) -> None:
+        if self.task is not None and task.task_id == self.task.task_id:
+            return
+        spec = spec_from_task(task)
+        digest = task_digest(spec)
+        if digest != task.weights_digest:
+            self.refused_task = task.task_id
+            logger.error(
+                "%s: refusing task %s: derived weight digest %s differs from the task's %s",
+                self.device_id,
+                task.task_id,
+                digest[:12],
+                task.weights_digest[:12],
+            )
+            return
+        self.task, self.spec = task, spec
+        self.client = get_strategy(spec.strategy).client(spec, self.data)
+        if self.state.task_id == task.task_id:
+            if self.state.client_state:
+                self.client.load_state_dict(self.state.client_state)
+            logger.info("%s: resuming task %s after round %d", self.device_id, task.task_id, self.state.last_round)
+        else:
+            self.state.task_id, self.state.last_round, self.state.finalized = task.task_id, 0, False
+            self.state.client_state = {}
+        logger.info("%s: joined task %s (%s on %s)", self.device_id, task.task_id, task.strategy, task.arch)
+        if self.pending_round is not None:
+            pending, self.pending_round = self.pending_round, None
+            self._on_round(pending)
+
+    def _on_round(self, announcement: messages.RoundAnnouncement) -> None:
+        if self.task is None:
+            self.pending_round = announcement  # the task arrives right after; answer then
+            return
+        if announcement.task_id != self.task.task_id:
+            return
+        body = announcement.body
+        self.global_body = None if body is None else {k: c.array for k, c in body.items()}
+        if announcement.round <= self.state.last_round or self.state.finalized:
+            return  # already answered (e.g. the retained announcement again after a reconnect)
+        if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
+            logger.info("%s: round %d is long past its deadline; waiting for the next", self.device_id, announcement.round)
+            return
+        self._train(announcement.round)
+
+    def _train(self, round_no: int) -> None:
+        assert self.client is not None and self.task is not None
+        with self.train_lock:
+            fit = self.client.fit(self.global_body, round_no)
+            evaluation = self.client.evaluate(self.global_body)
+        # The device's own view of its personalized accuracy: lets operators follow a run per round.
+        fit.metrics.update(test_accuracy=evaluation.accuracy, num_test=evaluation.num_samples)
+        update = messages.Update(
+            fleet=self.fleet,
+            task_id=self.task.task_id,
+            device=self.device_id,
+            round=round_no,
+            base_round=round_no,
+            num_samples=fit.num_samples,
+            metrics={k: float(v) for k, v in fit.metrics.items()},
+            body=fit.body,
+        )
+        self._send(messages.encode(update))
+        self.state.last_round = round_no
+        self.state.client_state = self.client.state_dict()
+        self.state.save()
+        logger.info("%s: sent its update for round %d", self.device_id, round_no)
+
+    def _send(self, payload: bytes) -> None:
+        for publication in publications(self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload):
+            self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
+            self.bytes_sent += len(publication.payload)
+
+    def _on_directive(self, directive: messages.Directive) -> None:
+        if self.task is None or directive.task_id != self.task.task_id:
+            return
+        if directive.kind == "finalize":
+            self._finalize()
+        elif directive.kind == "rejected":
+            logger.warning("%s: the aggregator rejected our message: %s %s", self.device_id, directive.reason, directive.detail)
+
+    def _finalize(self) -> None:
+        from fedmask.device_agent.finalize import personalized_artifacts
+
+        assert self.client is not None and self.task is not None
+        if self.state.finalized:
+            self.finished.set()
+            return
+        with self.train_lock:
+            final = self.client.finalize(self.global_body)
+            artifacts = personalized_artifacts(final, self.data.x_test, self.data.y_test, self.latency_runs)
+        result = messages.Result(
+            fleet=self.fleet,
+            task_id=self.task.task_id,
+            device=self.device_id,
+            metrics=artifacts["metrics"],
+            mask=artifacts["mask"],
+            weights=artifacts["weights"],
+            tflite=artifacts["tflite"],
+        )
+        self._send(messages.encode(result))
+        self.state.finalized = True
+        self.state.save()
+        logger.info(
+            "%s: personalized model sent (TFLite accuracy %.3f, %.0f bytes)",
+            self.device_id,
+            artifacts["metrics"]["accuracy"],
+            artifacts["metrics"]["size_bytes"],
+        )
+        self.finished.set()

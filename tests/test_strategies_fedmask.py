@@ -1,0 +1,65 @@
+"""FedMask's halves: aggregation rules on hand-built masks, and learning on real HMP data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmask.protocol.tensor_codec import decode_body, encode_body
+from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
+from fedmask.strategies.mask_rules import Majority, NoMerge, Overlap, make_rule
+
+
+def _decoded(body):
+    return decode_body(encode_body(body))
+
+
+def test_majority_rule_adopts_the_majority_mask_keeping_score_magnitudes():
+    share = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    body = _decoded(Majority().server_body(share))
+    assert body["mask"].tolist() == [False, False, True, True, True]
+    scores = np.array([2.0, 0.5, -1.5, -0.1, 3.0], dtype=np.float32)
+    merged = Majority().merge(scores, body)
+    assert merged.tolist() == pytest.approx([-2.0, -0.5, 1.5, 0.1, 3.0])
+
+
+def test_overlap_rule_keeps_own_scores_where_the_fleet_disagrees():
+    share = np.array([0.0, 0.3, 0.5, 0.7, 0.8, 1.0])
+    rule = Overlap(keep_share=0.75, drop_share=0.25)
+    body = _decoded(rule.server_body(share))
+    assert body["keep"].tolist() == [False, False, False, False, True, True]
+    assert body["drop"].tolist() == [True, False, False, False, False, False]
+    scores = np.array([1.0, -1.0, 1.0, -1.0, -2.0, 0.5], dtype=np.float32)
+    merged = rule.merge(scores, body)
+    # Consensus drop and keep are adopted; the contested band (0.3, 0.5, 0.7) stays personal.
+    assert merged.tolist() == pytest.approx([-1.0, -1.0, 1.0, -1.0, 2.0, 0.5])
+
+
+def test_no_merge_rule_sends_nothing_and_changes_nothing():
+    scores = np.array([1.0, -1.0], dtype=np.float32)
+    assert NoMerge().server_body(np.array([1.0, 0.0])) == {}
+    assert NoMerge().merge(scores, {}).tolist() == scores.tolist()
+
+
+def test_rule_parameters_are_validated():
+    with pytest.raises(ValueError, match="drop_share < keep_share"):
+        Overlap(keep_share=0.2, drop_share=0.5)
+    with pytest.raises(ValueError, match="unknown mask aggregation rule"):
+        make_rule("median")
+
+
+def test_server_counts_weighted_masks():
+    spec = TaskSpec(strategy="fedmask", arch="har_cnn", num_classes=14, hyper={"mask_rule": "majority"})
+    server = get_strategy("fedmask").server(spec)
+    n = server.num_bits
+    ones, zeros = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+    # A fresh "keep" (weight 1) outweighs two stale "drop"s (weight 0.4 each).
+    updates = [
+        ClientUpdate("a", {"mask": ones}, 10, weight=1.0),
+        ClientUpdate("b", {"mask": zeros}, 10, staleness=3, weight=0.4),
+        ClientUpdate("c", {"mask": zeros}, 10, staleness=3, weight=0.4),
+    ]
+    body = _decoded(server.aggregate(updates, round_no=1))
+    assert body["mask"].all()
+    updates[0].weight = 0.5
+    assert not _decoded(server.aggregate(updates, round_no=1))["mask"].any()
