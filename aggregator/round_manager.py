@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 
 import msgpack
 import numpy as np
+
 from fedmask.protocol import messages
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.staleness import staleness_weight

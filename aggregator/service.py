@@ -111,7 +111,9 @@ class AggregatorService:
 
     def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
         with self._lock:
-            self.manager.reject(error.reason, error.detail, device=sender, topic=self.topics.up(sender), size=0)
+            self.manager.reject(
+                error.reason, error.detail, device=sender, topic=self.topics.up(sender), size=0
+            )
             for frame in self._held.pop(sender, []):
                 self.connection.ack(frame)
 
@@ -125,7 +127,9 @@ class AggregatorService:
                         raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
                     self.manager.on_presence(device, presence)
             except ProtocolError as exc:
-                self.manager.reject(exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload))
+                self.manager.reject(
+                    exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
+                )
             self.connection.ack(message)
 
     def _on_up(self, message: ReceivedMessage) -> None:

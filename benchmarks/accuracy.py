@@ -55,13 +55,20 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
             "eval_every": 5,
             "dataset_kwargs": {"max_train_sequences": 200, "max_test_sequences": 50},
         },
-        {"devices": 50, "rounds": 2, "eval_every": 2, "dataset_kwargs": {"max_train_sequences": 40, "max_test_sequences": 20}},
+        {
+            "devices": 50,
+            "rounds": 2,
+            "eval_every": 2,
+            "dataset_kwargs": {"max_train_sequences": 40, "max_test_sequences": 20},
+        },
     ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke size, under 3 minutes")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -96,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 for m, r in document["methods"].items()
             },
         }
-    result = {"quick": args.quick, "seed": args.seed, "wall_s": time.perf_counter() - started, "workloads": summary}
+    result = {
+        "quick": args.quick,
+        "seed": args.seed,
+        "wall_s": time.perf_counter() - started,
+        "workloads": summary,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2))
 

@@ -74,13 +74,17 @@ class AgentState:
     def _load(self) -> None:
         with np.load(self.path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            self.client_state = {k[len(STATE_PREFIX) :]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
+            self.client_state = {
+                k[len(STATE_PREFIX) :]: data[k] for k in data.files if k.startswith(STATE_PREFIX)
+            }
         self.task_id = meta.get("task_id")
         self.last_round = int(meta.get("last_round", 0))
         self.finalized = bool(meta.get("finalized", False))
 
     def save(self) -> None:
-        meta = json.dumps({"task_id": self.task_id, "last_round": self.last_round, "finalized": self.finalized})
+        meta = json.dumps(
+            {"task_id": self.task_id, "last_round": self.last_round, "finalized": self.finalized}
+        )
         arrays = {STATE_PREFIX + k: v for k, v in self.client_state.items()}
         tmp = self.path.with_suffix(".tmp.npz")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,7 @@ class DeviceAgent:
         self.data = data
         self.topics = Topics(fleet)
         self.state = AgentState(Path(state_dir) / f"{device_id}.npz")
-        self.capabilities = capabilities or {"samples": int(len(data.y_train)), "runtime": "tflite"}
+        self.capabilities = capabilities or {"samples": len(data.y_train), "runtime": "tflite"}
         self.train_lock = train_lock or threading.Semaphore(1)
         self.latency_runs = latency_runs
         self.task: messages.Task | None = None
@@ -140,17 +144,27 @@ class DeviceAgent:
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
         try:
-            offline = messages.Presence(fleet=self.fleet, device=self.device_id, status="offline", at=time.time())
-            self.connection.publish(self.topics.state(self.device_id), messages.encode(offline), retain=True, timeout_s=5)
+            offline = messages.Presence(
+                fleet=self.fleet, device=self.device_id, status="offline", at=time.time()
+            )
+            self.connection.publish(
+                self.topics.state(self.device_id), messages.encode(offline), retain=True, timeout_s=5
+            )
         except Exception:  # the broker may already be gone; the last will covers us then
             logger.debug("could not publish offline presence", exc_info=True)
         self.connection.close()
 
     def _announce_presence(self, session_present: bool) -> None:
         online = messages.Presence(
-            fleet=self.fleet, device=self.device_id, status="online", at=time.time(), capabilities=self.capabilities
+            fleet=self.fleet,
+            device=self.device_id,
+            status="online",
+            at=time.time(),
+            capabilities=self.capabilities,
         )
-        self.connection.publish(self.topics.state(self.device_id), messages.encode(online), retain=True, wait=False)
+        self.connection.publish(
+            self.topics.state(self.device_id), messages.encode(online), retain=True, wait=False
+        )
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -191,7 +205,9 @@ class DeviceAgent:
         if self.state.task_id == task.task_id:
             if self.state.client_state:
                 self.client.load_state_dict(self.state.client_state)
-            logger.info("%s: resuming task %s after round %d", self.device_id, task.task_id, self.state.last_round)
+            logger.info(
+                "%s: resuming task %s after round %d", self.device_id, task.task_id, self.state.last_round
+            )
         else:
             self.state.task_id, self.state.last_round, self.state.finalized = task.task_id, 0, False
             self.state.client_state = {}
@@ -211,7 +227,11 @@ class DeviceAgent:
         if announcement.round <= self.state.last_round or self.state.finalized:
             return  # already answered (e.g. the retained announcement again after a reconnect)
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
-            logger.info("%s: round %d is long past its deadline; waiting for the next", self.device_id, announcement.round)
+            logger.info(
+                "%s: round %d is long past its deadline; waiting for the next",
+                self.device_id,
+                announcement.round,
+            )
             return
         self._train(announcement.round)
 
@@ -219,7 +239,7 @@ class DeviceAgent:
         assert self.client is not None and self.task is not None
         with self.train_lock:
             fit = self.client.fit(self.global_body, round_no)
-            evaluation = self.client.evaluate(self.global_body)
+            evaluation = self.client.evaluate(None)
         # The device's own view of its personalized accuracy: lets operators follow a run per round.
         fit.metrics.update(test_accuracy=evaluation.accuracy, num_test=evaluation.num_samples)
         update = messages.Update(
@@ -239,7 +259,9 @@ class DeviceAgent:
         logger.info("%s: sent its update for round %d", self.device_id, round_no)
 
     def _send(self, payload: bytes) -> None:
-        for publication in publications(self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload):
+        for publication in publications(
+            self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload
+        ):
             self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
             self.bytes_sent += len(publication.payload)
 
@@ -249,7 +271,12 @@ class DeviceAgent:
         if directive.kind == "finalize":
             self._finalize()
         elif directive.kind == "rejected":
-            logger.warning("%s: the aggregator rejected our message: %s %s", self.device_id, directive.reason, directive.detail)
+            logger.warning(
+                "%s: the aggregator rejected our message: %s %s",
+                self.device_id,
+                directive.reason,
+                directive.detail,
+            )
 
     def _finalize(self) -> None:
         from fedmask.device_agent.finalize import personalized_artifacts

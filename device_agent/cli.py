@@ -1,4 +1,4 @@
-"""The device agent's subcommands: ``fedmask predict`` (``agent run`` joins it here later).
+"""The device agent's subcommands: ``fedmask agent run`` and ``fedmask predict``.
 
 Each subcommand has an ``_add_<name>`` function that declares its options and points ``handler`` at
 a function importing the real work lazily, so ``fedmask --help`` stays fast and an inference-only
@@ -46,4 +46,64 @@ def _run_predict(args: argparse.Namespace) -> int:
     return run(args)
 
 
-_SUBCOMMANDS = (_add_predict,)
+def _add_agent(subparsers: argparse._SubParsersAction) -> None:
+    from fedmask.protocol.cli_options import add_broker_options
+
+    agent = subparsers.add_parser("agent", help="the on-device agent")
+    commands = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="join a fleet: train when rounds open, finalize on command",
+        description="Connect to the broker as DEVICE-ID, join the fleet's retained task (refusing it if "
+        "the derived weight digest differs), train each round, and build the personalized TFLite model.",
+    )
+    add_broker_options(run)
+    add_option(run, "--fleet", default="default", help="fleet name")
+    add_option(run, "--device-id", metavar="ID", help="this device's id (also its MQTT username)")
+    add_option(run, "--data", metavar="PATH", help="device data file (.npz from `fedmask data partition`)")
+    add_option(run, "--state-dir", default=".fedmask-agent", help="where the agent keeps its state file")
+    add_option(run, "--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    run.set_defaults(handler=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from fedmask.datasets.federated import load_device
+    from fedmask.device_agent.agent import DeviceAgent
+    from fedmask.protocol.cli_options import broker_from_args
+
+    if not args.device_id or not args.data:
+        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    agent = DeviceAgent(
+        broker_from_args(args),
+        args.fleet,
+        args.device_id,
+        load_device(args.data),
+        state_dir=args.state_dir,
+        protocol=args.mqtt_protocol,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    try:
+        while not stop.is_set() and not agent.finished.wait(1.0):
+            pass
+    finally:
+        agent.stop()
+    from fedmask.device_agent.finalize import peak_rss_bytes
+
+    logging.getLogger(__name__).info(
+        "agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20
+    )
+    return 0
+
+
+_SUBCOMMANDS = (_add_agent, _add_predict)

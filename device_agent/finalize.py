@@ -33,7 +33,9 @@ def mask_file(mask: np.ndarray | None) -> bytes:
     return buffer.getvalue()
 
 
-def personalized_artifacts(final: FinalModel, x_test: np.ndarray, y_test: np.ndarray, latency_runs: int = 50) -> dict:
+def personalized_artifacts(
+    final: FinalModel, x_test: np.ndarray, y_test: np.ndarray, latency_runs: int = 50
+) -> dict:
     """Compact, export and measure a device's final model; returns the Result fields and metrics."""
     from fedmask.device_agent.inference import TFLiteModel
     from fedmask.models.compaction import compact_with_report

@@ -12,7 +12,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8"), "BOOL": np.dtype("?"), "U8": np.dtype("u1")}
+DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+    "U8": np.dtype("u1"),
+}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -27,7 +33,11 @@ def dumps(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None 
         if dtype not in NAMES:
             raise TypeError(f"safetensors: {name}: unsupported dtype {array.dtype}")
         data = array.astype(dtype, copy=False).tobytes()
-        header[name] = {"dtype": NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": NAMES[dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     if metadata:
@@ -53,7 +63,11 @@ def loads(data: bytes) -> dict[str, np.ndarray]:
         dtype = DTYPES.get(entry.get("dtype"))
         start, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
-        if dtype is None or not 0 <= start <= end <= len(body) or (end - start) != dtype.itemsize * int(np.prod(shape)):
+        if (
+            dtype is None
+            or not 0 <= start <= end <= len(body)
+            or (end - start) != dtype.itemsize * int(np.prod(shape))
+        ):
             raise ValueError(f"safetensors: tensor {name!r} has a bad dtype, shape or offsets")
         out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
     return out

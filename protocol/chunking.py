@@ -46,7 +46,11 @@ _BIN32_EXTRA = 3  # a bin32 header is 5 bytes, an empty bin8 header 2
 
 def message_id(payload: bytes) -> str:
     """The default id of a payload: the first 64 bits of its SHA-256, in hex (deterministic)."""
-    return hashlib.sha256(payload).hexdigest()[:MSG_ID_LENGTH]
+    return _id_of(hashlib.sha256(payload).digest())
+
+
+def _id_of(digest: bytes) -> str:
+    return digest.hex()[:MSG_ID_LENGTH]
 
 
 def _frame(msg_id: str, index: int, count: int, size: int, digest: bytes, data: bytes | memoryview) -> bytes:
@@ -80,7 +84,8 @@ def split(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD, msg_id: str | 
         if max_payload < MIN_PAYLOAD:
             raise ValueError(f"max_payload must be at least {MIN_PAYLOAD} bytes, got {max_payload}")
         return [bytes(payload)]
-    msg_id = validate_id(msg_id, "msg_id") if msg_id is not None else message_id(payload)
+    digest = hashlib.sha256(payload).digest()
+    msg_id = validate_id(msg_id, "msg_id") if msg_id is not None else _id_of(digest)
     room = frame_capacity(max_payload, msg_id, len(payload))
     count = math.ceil(len(payload) / room)
     if count > MAX_CHUNKS:
@@ -88,7 +93,6 @@ def split(payload: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD, msg_id: str | 
             Rejection.OVERSIZE,
             f"{len(payload)} bytes need {count} frames of {room} bytes; at most {MAX_CHUNKS} allowed",
         )
-    digest = hashlib.sha256(payload).digest()
     view = memoryview(payload)
     return [
         _frame(msg_id, i, count, len(payload), digest, view[i * room : (i + 1) * room]) for i in range(count)

@@ -527,13 +527,9 @@ def seal(fields: Mapping[str, Any]) -> bytes:
     canonical = _pack(_canonical(dict(fields)))
     digest = hashlib.sha256(canonical).digest()
     entries = len(fields)
-    # The canonical bytes with the header bumped by one and the checksum entry appended: no second pack.
-    return (
-        _map_header(entries + 1)
-        + canonical[len(_map_header(entries)) :]
-        + _pack(CHECKSUM_FIELD)
-        + _pack(digest)
-    )
+    # The canonical bytes with the header bumped by one and the checksum entry appended (one copy).
+    body = memoryview(canonical)[len(_map_header(entries)) :]
+    return b"".join((_map_header(entries + 1), body, _pack(CHECKSUM_FIELD), _pack(digest)))
 
 
 def encode(message: Message) -> bytes:

@@ -33,6 +33,9 @@ CODINGS = ("bits", "f32", "f16", "topk", "i64")
 MAX_ELEMENTS = 1 << 28
 # numpy refuses more than 64 dimensions; no layer needs more than a handful.
 MAX_DIMS = 32
+# zlib's default level. Level 9 took 10x the CPU (407 ms vs 38 ms for a 1M-parameter mask at 5%
+# density) for a 4.5% smaller payload: a bad trade on a Raspberry Pi.
+ZLIB_LEVEL = 6
 
 
 class CodecError(ValueError):
@@ -80,11 +83,11 @@ def unpack_bits(data: bytes, count: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
     if bits[count:].any():
         raise CodecError("wrong_mask_length", "non-zero padding bits after the last element")
-    return bits[:count].astype(bool)
+    return bits[:count].view(bool)  # 0/1 bytes are valid bools: no copy
 
 
 def _maybe_compress(raw: bytes) -> tuple[bool, bytes]:
-    packed = zlib.compress(raw, 9)
+    packed = zlib.compress(raw, ZLIB_LEVEL)
     return (True, packed) if len(packed) < len(raw) else (False, raw)
 
 

@@ -76,7 +76,9 @@ class InProcessRun:
         server = strategy.server(spec)
         clients = {d.device_id: strategy.client(spec, d) for d in self.data.devices}
         device_ids = list(clients)
-        result = MethodResult(strategy=spec.strategy, params_per_update=params_per_update(spec.strategy, server))
+        result = MethodResult(
+            strategy=spec.strategy, params_per_update=params_per_update(spec.strategy, server)
+        )
         body = server.initial_body()
         for round_no in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -106,7 +108,9 @@ class InProcessRun:
                 timings["encode"] += time.perf_counter() - t
                 updates.append(
                     ClientUpdate(
-                        device_id=received.device, body=arrays(received.body), num_samples=received.num_samples
+                        device_id=received.device,
+                        body=arrays(received.body),
+                        num_samples=received.num_samples,
                     )
                 )
                 losses.append(fit.metrics.get("loss"))
@@ -131,7 +135,12 @@ class InProcessRun:
             record.wall_s = time.perf_counter() - t0
             result.rounds.append(record)
             if progress:
-                progress(spec.strategy, round_no, cfg.rounds, {"acc": record.accuracy_mean, "loss": record.train_loss})
+                progress(
+                    spec.strategy,
+                    round_no,
+                    cfg.rounds,
+                    {"acc": record.accuracy_mean, "loss": record.train_loss},
+                )
         _, final_body = self._announce(cfg.rounds + 1, body)
         for device_id, client in clients.items():
             final = client.finalize(final_body)

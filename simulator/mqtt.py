@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class MqttRun:
-    def __init__(self, config: SimulationConfig, data, spec: TaskSpec, *, train_workers: int | None = None) -> None:
+    def __init__(
+        self, config: SimulationConfig, data, spec: TaskSpec, *, train_workers: int | None = None
+    ) -> None:
         self.config = config
         self.data = data
         self.spec = spec
@@ -48,10 +50,16 @@ class MqttRun:
         }
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         db_file = Path(self.db_url.removeprefix("sqlite:///"))
-        for stale in (db_file, db_file.with_name(db_file.name + "-wal"), db_file.with_name(db_file.name + "-shm")):
+        for stale in (
+            db_file,
+            db_file.with_name(db_file.name + "-wal"),
+            db_file.with_name(db_file.name + "-shm"),
+        ):
             stale.unlink(missing_ok=True)
         started = time.perf_counter()
-        task = build_task(cfg.fleet, self.spec, schedule, task_id=f"{cfg.fleet}-{self.spec.strategy}-{self.spec.seed}")
+        task = build_task(
+            cfg.fleet, self.spec, schedule, task_id=f"{cfg.fleet}-{self.spec.strategy}-{self.spec.seed}"
+        )
         store = Store(self.db_url)
         store.upgrade()
         lock = threading.Semaphore(self.train_workers)
@@ -62,7 +70,15 @@ class MqttRun:
             protocol = "5" if 5 in broker.protocol_versions else "3.1.1"
             aggregator = AggregatorService(broker.url, cfg.fleet, task, store, protocol=protocol)
             agents = [
-                DeviceAgent(broker.url, cfg.fleet, d.device_id, d, state_dir=state_dir, protocol=protocol, train_lock=lock)
+                DeviceAgent(
+                    broker.url,
+                    cfg.fleet,
+                    d.device_id,
+                    d,
+                    state_dir=state_dir,
+                    protocol=protocol,
+                    train_lock=lock,
+                )
                 for d in devices
             ]
             try:
@@ -100,11 +116,15 @@ class MqttRun:
         from fedmask.strategies import get_strategy
 
         server = get_strategy(self.spec.strategy).server(self.spec)
-        result = MethodResult(strategy=self.spec.strategy, params_per_update=params_per_update(self.spec.strategy, server))
+        result = MethodResult(
+            strategy=self.spec.strategy, params_per_update=params_per_update(self.spec.strategy, server)
+        )
         for summary in store.list_rounds(task_id=task.task_id):
             updates = store.accepted_updates(task.task_id, summary.round_no)
             uplink = sum(wire_size(u.payload, task.schedule.max_payload) for u in updates)
-            previous = store.get_aggregate(task.task_id, summary.round_no - 1) if summary.round_no > 1 else None
+            previous = (
+                store.get_aggregate(task.task_id, summary.round_no - 1) if summary.round_no > 1 else None
+            )
             announcement = messages.RoundAnnouncement(
                 fleet=task.fleet,
                 task_id=task.task_id,
@@ -124,7 +144,8 @@ class MqttRun:
                     density=_mean([u.metrics.get("density") for u in updates]),
                     # Participants' personalized test accuracy after their local training, sample-weighted.
                     accuracy_mean=(
-                        sum(u.metrics["test_accuracy"] * u.metrics.get("num_test", 0) for u in tested) / weights
+                        sum(u.metrics["test_accuracy"] * u.metrics.get("num_test", 0) for u in tested)
+                        / weights
                         if weights
                         else None
                     ),

@@ -51,7 +51,9 @@ def plot(document: dict[str, Any], out_dir: Path) -> list[Path]:
             "uplink_bytes",
             "uplink bits per parameter per device",
             "uplink.png",
-            lambda r, m: r["uplink_bytes"] * 8 / max(1, len(r["participants"])) / max(1, m["params_per_update"]),
+            lambda r, m: (
+                r["uplink_bytes"] * 8 / max(1, len(r["participants"])) / max(1, m["params_per_update"])
+            ),
         ),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))

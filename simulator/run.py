@@ -42,7 +42,9 @@ class ProgressBar:
         if self.bar is None or self.strategy != strategy:
             self.close()
             self.strategy = strategy
-            self.bar = tqdm(total=total, desc=strategy, unit="round", disable=not self.enabled, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=strategy, unit="round", disable=not self.enabled, file=sys.stderr
+            )
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if v is not None})
         if not self.enabled:
@@ -68,7 +70,11 @@ def run_simulation(config: SimulationConfig, progress: bool | None = None) -> di
     )
     arch = config.arch or WORKLOADS[config.dataset].architecture
     logger.info(
-        "loaded %s (%s): %d devices in %.1fs", config.dataset, data.partition, len(data.devices), time.perf_counter() - t0
+        "loaded %s (%s): %d devices in %.1fs",
+        config.dataset,
+        data.partition,
+        len(data.devices),
+        time.perf_counter() - t0,
     )
     bar = ProgressBar(progress)
     methods: dict[str, MethodResult] = {}

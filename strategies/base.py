@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -157,7 +157,7 @@ class Strategy(abc.ABC):
 
     name: str = ""
     description: str = ""
-    defaults: dict[str, Any] = {}  # the strategy's own hyperparameter defaults over DEFAULT_HYPER
+    defaults: ClassVar[dict[str, Any]] = {}  # the strategy's own hyperparameter defaults over DEFAULT_HYPER
 
     def effective_hyper(self, spec: TaskSpec) -> dict[str, Any]:
         """Every hyperparameter this strategy will use for ``spec`` (what a task message carries)."""

@@ -56,9 +56,9 @@ def mean_of_signs(signs: list[dict[str, np.ndarray]], weights: list[float]) -> d
     if not signs or total <= 0:
         raise ValueError("mean_of_signs: need at least one update with a positive weight")
     return {
-        name: (sum(w * (2.0 * s[name].astype(np.float64) - 1.0) for s, w in zip(signs, weights)) / total).astype(
-            np.float32
-        )
+        name: (
+            sum(w * (2.0 * s[name].astype(np.float64) - 1.0) for s, w in zip(signs, weights)) / total
+        ).astype(np.float32)
         for name in signs[0]
     }
 
@@ -119,7 +119,9 @@ class BnnClient(ClientHalf):
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         self._load(global_body)
-        return FinalModel(model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test))
+        return FinalModel(
+            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.get_weights()

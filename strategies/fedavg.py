@@ -57,7 +57,9 @@ class FedAvgServer(ServerHalf):
         weights = np.array([u.weight * u.num_samples for u in updates], dtype=np.float64)
         weights /= weights.sum()
         averaged = {
-            name: sum(w * u.body[name].astype(np.float64) for w, u in zip(weights, updates)).astype(np.float32)
+            name: sum(w * u.body[name].astype(np.float64) for w, u in zip(weights, updates)).astype(
+                np.float32
+            )
             for name in self.shapes
         }
         return weights_body(averaged)
@@ -108,7 +110,9 @@ class FedAvgClient(ClientHalf):
                 optimizer=sgd(self.model, self.spec, hyper(self.spec, "finetune_lr")),
                 seed=derive_seed(self.device_seed, "finetune"),
             )
-        return FinalModel(model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test))
+        return FinalModel(
+            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.get_weights()

@@ -83,7 +83,9 @@ class FedMaskClient(ClientHalf):
             self.model.set_scores(self.rule.merge(self.model.get_scores(), global_body))
 
     def _sparsity(self, model) -> torch.Tensor:
-        return sparsity_loss(model, _hyper(self.spec, "sparsity_lambda"), _hyper(self.spec, "sparsity_growth"))
+        return sparsity_loss(
+            model, _hyper(self.spec, "sparsity_lambda"), _hyper(self.spec, "sparsity_growth")
+        )
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
         self._merge(global_body)
@@ -102,7 +104,9 @@ class FedMaskClient(ClientHalf):
         )
         mask = self.model.get_mask()
         metrics["density"] = float(mask.mean()) if mask.size else 1.0
-        return FitResult(body={"mask": Coded(mask, "bits")}, num_samples=len(self.data.y_train), metrics=metrics)
+        return FitResult(
+            body={"mask": Coded(mask, "bits")}, num_samples=len(self.data.y_train), metrics=metrics
+        )
 
     def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
         return evaluate(self.model, self.data.x_test, self.data.y_test)
@@ -124,7 +128,9 @@ class FedMaskClient(ClientHalf):
                 seed=derive_seed(self.device_seed, "finetune"),
             )
         result = evaluate(self.model, self.data.x_test, self.data.y_test)
-        return FinalModel(model=self.model, evaluation=result, mask=mask, metrics={"density": float(mask.mean())})
+        return FinalModel(
+            model=self.model, evaluation=result, mask=mask, metrics={"density": float(mask.mean())}
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"scores": self.model.get_scores()}

@@ -159,7 +159,9 @@ class FedPMClient(ClientHalf):
         probs = self.model.probabilities()
         mask = rng.random(probs.shape) < probs
         metrics["density"] = float(mask.mean()) if mask.size else 1.0
-        return FitResult(body={"mask": Coded(mask, "bits")}, num_samples=len(self.data.y_train), metrics=metrics)
+        return FitResult(
+            body={"mask": Coded(mask, "bits")}, num_samples=len(self.data.y_train), metrics=metrics
+        )
 
     def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
         self._load(global_body)
@@ -169,7 +171,9 @@ class FedPMClient(ClientHalf):
         self._load(global_body)
         result = evaluate(self.model, self.data.x_test, self.data.y_test)
         mask = self.model.get_mask()
-        return FinalModel(model=self.model, evaluation=result, mask=mask, metrics={"density": float(mask.mean())})
+        return FinalModel(
+            model=self.model, evaluation=result, mask=mask, metrics={"density": float(mask.mean())}
+        )
 
 
 class FedPM(Strategy):

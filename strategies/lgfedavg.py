@@ -87,7 +87,9 @@ class LgFedAvgServer(ServerHalf):
         factors /= factors.sum()
         return weights_body(
             {
-                name: sum(f * u.body[name].astype(np.float64) for f, u in zip(factors, updates)).astype(np.float32)
+                name: sum(f * u.body[name].astype(np.float64) for f, u in zip(factors, updates)).astype(
+                    np.float32
+                )
                 for name in self.shapes
             }
         )
@@ -137,7 +139,9 @@ class LgFedAvgClient(ClientHalf):
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         self._merge(global_body)
-        return FinalModel(model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test))
+        return FinalModel(
+            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.get_weights()

@@ -13,7 +13,11 @@ def mask_config(spec: TaskSpec) -> MaskConfig:
 def build_for(spec: TaskSpec, mode: WeightMode) -> MaskedNetwork:
     """The task's architecture in the given parameterization (see docs/architecture.md)."""
     model = build_model(
-        spec.arch, seed=spec.seed, num_classes=spec.num_classes, mask_config=mask_config(spec), **spec.arch_kwargs
+        spec.arch,
+        seed=spec.seed,
+        num_classes=spec.num_classes,
+        mask_config=mask_config(spec),
+        **spec.arch_kwargs,
     )
     model.set_mode(mode)
     return model

@@ -130,7 +130,9 @@ class PerFedAvgClient(ClientHalf):
         self._load(global_body)
         x, y = as_tensors(self.data.x_train, self.data.y_train)
         if len(y) == 0:
-            return FitResult(body=weights_body(self.model.get_weights()), num_samples=0, metrics={"loss": 0.0})
+            return FitResult(
+                body=weights_body(self.model.get_weights()), num_samples=0, metrics={"loss": 0.0}
+            )
         params = self.model.trainable_parameters()
         generator = torch.Generator().manual_seed(derive_seed(self.device_seed, round_no))
         group = 2 if self.variant == "fo" else 3

@@ -227,7 +227,9 @@ class TopKClient(ClientHalf):
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         self._load(global_body)
-        return FinalModel(model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test))
+        return FinalModel(
+            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
+        )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {RESIDUAL_PREFIX + name: r.copy() for name, r in self.residual.items()}

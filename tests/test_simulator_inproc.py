@@ -34,8 +34,9 @@ def test_quick_fedmask_run_on_real_hmp_beats_chance_by_a_wide_margin(hmp_root, t
     assert fedmask["accuracy_mean"] > chance + 0.3
     # Uplink: one bit per masked parameter at most, counted from the encoded messages.
     assert 0 < fedmask["uplink_bits_per_param"] <= 1.05
-    assert json.loads((tmp_path / "results.json").read_text())["methods"]["fedmask"]["accuracy_mean"] == (
-        fedmask["accuracy_mean"]
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["methods"]["fedmask"]["accuracy_mean"]
+        == (fedmask["accuracy_mean"])
     )
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert (tmp_path / "uplink.png").stat().st_size > 0
