@@ -2,16 +2,20 @@
 
 One MQTT session (persistent, manual acknowledgements) subscribes to every device's uplink and presence.
 Handlers run on the transport's single worker thread, and a ticker thread checks deadlines; both go
-through one lock, so the round manager never sees two things at once. An uplink message is acknowledged
-to the broker only after the round manager has committed it (accepted or rejected) to the store; the
-frames of a chunked update are all acknowledged together once the whole update is stored.
+through one lock, so the round manager never sees two things at once.
+
+Acknowledgements: a whole message is acknowledged to the broker only after the round manager has
+committed it (accepted or rejected) to the store, and the device then gets a ``receipt`` (or
+``rejected``) directive. Frames of a chunked message are acknowledged as they arrive, except the one
+that completes it: the broker sends a client at most ``max_inflight_messages`` unacknowledged messages,
+so holding every frame would stall delivery. A frame lost in a crash is covered end to end: the device
+republishes its message (same bytes) until it has a receipt, and the store is idempotent.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
@@ -43,7 +47,6 @@ class AggregatorService:
         self.tick_s = tick_s
         self.shared_group = shared_group
         self.reassembler = Reassembler(on_expired=self._on_expired)
-        self._held: dict[str, list[ReceivedMessage]] = defaultdict(list)  # frames awaiting their update
         self._frames_left: dict[str, int] = {}  # retained chunk frames we published per topic
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -109,6 +112,23 @@ class AggregatorService:
 
     # ----- inbound ----------------------------------------------------------------------------
 
+    def _receipt(self, decision, *, round_no: int, detail: str) -> bytes:
+        task_id = self.manager.task.task_id
+        if decision.accepted:
+            directive = messages.Directive(
+                fleet=self.fleet, kind="receipt", task_id=task_id, round=round_no, detail=detail
+            )
+        else:
+            directive = messages.Directive(
+                fleet=self.fleet,
+                kind="rejected",
+                task_id=task_id,
+                round=round_no,
+                detail=detail,
+                reason=decision.reason,
+            )
+        return messages.encode(directive)
+
     def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
         with self._lock:
             self.manager.reject(
@@ -157,23 +177,26 @@ class AggregatorService:
                 self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=size)
             self.connection.ack(message)
             return
-        if payload is None:  # more frames to come: ack them all once the update is stored
-            self._held[device].append(message)
+        if payload is None:  # a frame of a message still incomplete (see the module docstring)
+            self.connection.ack(message)
             return
         outbound: list[Outbound] = []
         try:
             decoded = messages.decode(payload, (messages.Update, messages.Result), fleet=self.fleet)
         except ProtocolError as exc:
-            self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload))
+            decision = self.manager.reject(
+                exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload)
+            )
+            receipt = self._receipt(decision, round_no=0, detail="")
         else:
             if isinstance(decoded, messages.Update):
-                _, outbound = self.manager.on_update(device, decoded, payload, message.topic)
+                decision, outbound = self.manager.on_update(device, decoded, payload, message.topic)
+                receipt = self._receipt(decision, round_no=decoded.base_round, detail="update")
             else:
-                self.manager.on_result(device, decoded, payload, message.topic)
-        # Stored (accepted or rejected) and committed: now the broker may forget these messages.
-        for frame in self._held.pop(device, []):
-            self.connection.ack(frame)
+                decision = self.manager.on_result(device, decoded, payload, message.topic)
+                receipt = self._receipt(decision, round_no=0, detail="result")
+        # Stored (accepted or rejected) and committed: now the broker may forget the message.
         self.connection.ack(message)
-        self._publish(outbound)
+        self._publish([Outbound(self.topics.down(device), receipt), *outbound])
         if self.manager.done:
             self.finished.set()

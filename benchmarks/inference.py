@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fedmask.device_agent.inference import TFLiteModel, measure_peak_rss
 from fedmask.models.compaction import compact_with_report
 from fedmask.models.network import MaskedNetwork

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+
 from fedmask.protocol import messages as m
 from fedmask.protocol.chunking import DEFAULT_MAX_PAYLOAD, Reassembler, split, wire_size
 from fedmask.protocol.tensor_codec import Coded, decode_body, encode_body

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert, text
+
 from fedmask.storage import RoundDetail, RoundInfo, Store
 from fedmask.storage.schema import (
     Aggregate,
@@ -44,7 +46,6 @@ from fedmask.storage.schema import (
     Task,
     Update,
 )
-from sqlalchemy import insert, text
 
 UTC = dt.timezone.utc
 FLEET, TASK = "bench-fleet", "bench-task"
@@ -329,6 +330,12 @@ QUERY_COLUMNS = [
     ("median_ms", "MEDIAN MS", "{:.2f}"),
     ("x_baseline", "x BASELINE", "{:.2f}"),
 ]
+PRUNE_COLUMNS = [
+    ("engine", "ENGINE", "{}"),
+    ("keep_last", "prune(keep_last=N)", "{}"),
+    ("blobs_freed", "BLOBS FREED", "{}"),
+    ("ms", "MS", "{:.0f}"),
+]
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
@@ -364,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ingest: list[dict[str, Any]] = []
     queries: list[dict[str, Any]] = []
     sizes: dict[str, int] = {}
+    prunes: list[dict[str, Any]] = []
     for engine in args.engines:
         database = sqlite_database() if engine == "sqlite" else postgres_database(args.pg_admin)
         with database as url:
@@ -378,11 +386,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{engine}] loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
             sizes[engine] = database_bytes(store)
             queries += query_rows(engine, store, args.rounds, args.devices, args.repeats)
+            keep = max(args.rounds // 10, 1)
+            start = time.perf_counter()  # once: a second prune has nothing left to free
+            freed = store.prune(keep_last=keep)
+            prunes.append({"engine": engine, "keep_last": keep, "blobs_freed": freed})
+            prunes[-1]["ms"] = (time.perf_counter() - start) * 1e3
 
     ingest_title = f"Durable ingest: one committed transaction per update, {args.payload_kib} KiB payload"
     print_table(ingest_title, ingest, INGEST_COLUMNS)
     query_title = f"Queries on {args.rounds} rounds x {args.devices} devices (median of {args.repeats})"
     print_table(query_title, queries, QUERY_COLUMNS)
+    print_table("Housekeeping on the same store (one run; writers wait while it runs)", prunes, PRUNE_COLUMNS)
     report = {
         "benchmark": "storage",
         "created": dt.datetime.now(UTC).isoformat(),
@@ -397,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "database_bytes_after_load": sizes,
         "ingest": ingest,
         "queries": queries,
+        "prune": prunes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -105,6 +105,7 @@ class DeviceAgent:
         capabilities: dict[str, Any] | None = None,
         train_lock: threading.Semaphore | None = None,
         latency_runs: int = 50,
+        receipt_timeout_s: float = 60.0,
     ) -> None:
         self.fleet = fleet
         self.device_id = device_id
@@ -114,6 +115,13 @@ class DeviceAgent:
         self.capabilities = capabilities or {"samples": len(data.y_train), "runtime": "tflite"}
         self.train_lock = train_lock or threading.Semaphore(1)
         self.latency_runs = latency_runs
+        self.receipt_timeout_s = receipt_timeout_s
+        # Messages sent but not yet confirmed by a receipt ("update" / "result"), republished on a timer.
+        self._unconfirmed: dict[str, bytes] = {}
+        self._unconfirmed_lock = threading.Lock()
+        self.receipts = 0
+        self._stopped = False
+        self.rounds_seen: list[int] = []
         self.task: messages.Task | None = None
         self.spec: TaskSpec | None = None
         self.client: ClientHalf | None = None
@@ -143,6 +151,7 @@ class DeviceAgent:
 
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
+        self._stopped = True
         try:
             offline = messages.Presence(
                 fleet=self.fleet, device=self.device_id, status="offline", at=time.time()
@@ -222,6 +231,7 @@ class DeviceAgent:
             return
         if announcement.task_id != self.task.task_id:
             return
+        self.rounds_seen.append(announcement.round)
         body = announcement.body
         self.global_body = None if body is None else {k: c.array for k, c in body.items()}
         if announcement.round <= self.state.last_round or self.state.finalized:
@@ -252,13 +262,41 @@ class DeviceAgent:
             metrics={k: float(v) for k, v in fit.metrics.items()},
             body=fit.body,
         )
-        self._send(messages.encode(update))
+        self._send("update", messages.encode(update))
         self.state.last_round = round_no
         self.state.client_state = self.client.state_dict()
         self.state.save()
         logger.info("%s: sent its update for round %d", self.device_id, round_no)
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, kind: str, payload: bytes) -> None:
+        """Publish and keep the message until the aggregator's receipt (republished on a timer)."""
+        with self._unconfirmed_lock:
+            self._unconfirmed[kind] = payload
+        self._publish(payload)
+        self._schedule_resend(kind, payload)
+
+    def _schedule_resend(self, kind: str, payload: bytes) -> None:
+        timer = threading.Timer(self.receipt_timeout_s, self._resend, args=(kind, payload))
+        timer.daemon = True
+        timer.start()
+
+    def _resend(self, kind: str, payload: bytes) -> None:
+        with self._unconfirmed_lock:
+            if self._unconfirmed.get(kind) is not payload or self._stopped:
+                return
+        logger.warning(
+            "%s: no receipt for its %s after %.0fs; republishing",
+            self.device_id,
+            kind,
+            self.receipt_timeout_s,
+        )
+        try:
+            self._publish(payload)
+        except Exception:
+            logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
+        self._schedule_resend(kind, payload)
+
+    def _publish(self, payload: bytes) -> None:
         for publication in publications(
             self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload
         ):
@@ -297,7 +335,7 @@ class DeviceAgent:
             weights=artifacts["weights"],
             tflite=artifacts["tflite"],
         )
-        self._send(messages.encode(result))
+        self._send("result", messages.encode(result))
         self.state.finalized = True
         self.state.save()
         logger.info(

@@ -98,7 +98,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             pass
     finally:
         agent.stop()
-    from fedmask.device_agent.finalize import peak_rss_bytes
+    from fedmask.device_agent.inference import peak_rss_bytes
 
     logging.getLogger(__name__).info(
         "agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
-import resource
-import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,12 +18,6 @@ from fedmask.models.safetensors_io import dumps as safetensors_dumps
 from fedmask.strategies.base import FinalModel
 
 logger = logging.getLogger(__name__)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def mask_file(mask: np.ndarray | None) -> bytes:
@@ -37,7 +31,7 @@ def personalized_artifacts(
     final: FinalModel, x_test: np.ndarray, y_test: np.ndarray, latency_runs: int = 50
 ) -> dict:
     """Compact, export and measure a device's final model; returns the Result fields and metrics."""
-    from fedmask.device_agent.inference import TFLiteModel
+    from fedmask.device_agent.inference import TFLiteModel, measure_peak_rss, peak_rss_bytes
     from fedmask.models.compaction import compact_with_report
     from fedmask.models.tflite_export import export_tflite
 
@@ -48,13 +42,19 @@ def personalized_artifacts(
     runtime = TFLiteModel(tflite)
     accuracy = runtime.evaluate(x_test, y_test) if len(y_test) else 0.0
     latency = runtime.measure_latency(x_test[:1], runs=latency_runs) if len(y_test) else {"median_ms": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The model's own footprint: a fresh process that loads it and runs it (what a device needs).
+        path = Path(tmp) / "model.tflite"
+        path.write_bytes(tflite)
+        model_rss = measure_peak_rss(path)
     weights = {k: v.detach().cpu().numpy() for k, v in compacted.state_dict().items()}
     metrics = {
         "accuracy": float(accuracy),
         "torch_accuracy": float(final.evaluation.accuracy),
         "latency_ms": float(latency["median_ms"]),
         "size_bytes": float(len(tflite)),
-        "peak_rss_bytes": float(peak_rss_bytes()),
+        "peak_rss_bytes": float(model_rss),
+        "agent_peak_rss_bytes": float(peak_rss_bytes()),
         "params_before": float(report.params_before),
         "params_after": float(report.params_after),
         **{k: float(v) for k, v in final.metrics.items()},

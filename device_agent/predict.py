@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedmask.device_agent.inference import ModelInputError, TFLiteModel
 
 # npz key pairs tried in order: a plain (x, y) file, then a device-data file's test split.

@@ -35,8 +35,9 @@ initial state). Hidden unit ``k``:
 A multi-layer ``nn.LSTM`` shares one hidden size across layers, so a compacted LSTM is rebuilt as a
 `StackedLastStepLSTM` of single-layer LSTMs of their own widths.
 
-Not removed: the model's input channels and output units (they are its interface); at least one unit
-per layer is kept so no tensor becomes empty; grouped convolutions are rejected.
+Not removed: the model's input channels and output units (they are its interface). A hidden layer
+keeps at least one unit, and with ``unit_multiple`` a multiple of that many, topping up with units
+rebuilt all-zero (they output 0 and read nothing). Grouped convolutions are rejected.
 """
 
 from __future__ import annotations
@@ -237,6 +238,8 @@ class _Node:
     """
 
     kind = ""
+    units: int  # output units; set by the subclass before calling __init__
+    in_features: int
 
     def __init__(self, name: str, layer_index: int) -> None:
         self.name = name
@@ -246,9 +249,6 @@ class _Node:
         self.kept = np.ones(self.units, dtype=bool)
         self.kept_in = np.ones(self.in_features, dtype=bool)
         self.zeroed = np.zeros(self.units, dtype=bool)
-
-    units: int
-    in_features: int
 
     def mark_live(self, live_in: np.ndarray) -> None:
         raise NotImplementedError

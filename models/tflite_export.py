@@ -41,9 +41,10 @@ from typing import Literal
 import numpy as np
 import tflite
 import torch
+from torch import nn
+
 from fedmask.models.compaction import lstm_layers, sequential_layers
 from fedmask.models.tflite_builder import GraphBuilder, OptionsWriter, Quantization
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,6 @@ class _Lowering:
         # (operator, options with a given fused activation) while that operator's activation is free
         self.fusable: tuple[int, Callable[[int], OptionsWriter]] | None = None
         self.count = 0
-        self.has_lstm = False
 
     # ---- helpers
 
@@ -557,7 +557,7 @@ class _Lowering:
         last = self.g.constant(self._name("last_step"), np.asarray(t - 1, dtype=np.int32))
         out = self._activation(out_shape, "lstm_last_step")
         self.g.operator(_Op.GATHER, [self.x, last], [out], _Opt.GatherOptions, _gather_options(1))
-        self.x, self.fusable, self.has_lstm = out, None, True
+        self.x, self.fusable = out, None
 
     def _lstm_layer(self, lstm: nn.LSTM, k: int, batch_time: tuple[int, int]) -> None:
         h = lstm.hidden_size

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
+
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.messages import (
     CHUNK_FRAME_TYPE,

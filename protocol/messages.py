@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar, overload
 
 import msgpack
 import numpy as np
+
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS, CodecError, Coded, decode_coded_body, encode_body
 from fedmask.protocol.topics import validate_id

@@ -42,6 +42,12 @@ def chunk_filter(topic: str) -> str:
     return f"{topic}/{CHUNK_LEVEL}/+"
 
 
+def chunk_base(topic: str) -> str:
+    """The topic a frame belongs to: ``topic`` without a ``/chunk/<i>`` suffix (the reassembly key)."""
+    head, sep, index = topic.rpartition(f"/{CHUNK_LEVEL}/")
+    return head if sep and index.isdigit() else topic
+
+
 def shared(group: str, topic_filter: str) -> str:
     """The MQTT 5 shared-subscription form: the broker gives each message to one member of ``group``."""
     return f"$share/{validate_id(group, 'shared subscription group')}/{topic_filter}"

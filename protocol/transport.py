@@ -14,7 +14,8 @@ What it adds to paho, and nothing more:
   paho's network thread (``dispatch="network"``: lowest latency, the handler must not block);
 - **manual acknowledgement** (``manual_ack=True``): the handler gets a :class:`ReceivedMessage` and
   the owner calls :meth:`MqttConnection.ack` once the message is durably stored. A message that is
-  never acked is redelivered by the broker after the next reconnect.
+  never acked is redelivered by the broker after the next reconnect. (Without manual ack, paho acks a
+  QoS 1 message as soon as it is handed over, i.e. before a worker-thread handler has run.)
 
 Bytes in, bytes out: encoding, chunking and decoding live in ``messages`` and ``chunking``.
 """
@@ -30,12 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
-from fedmask.protocol.broker_url import BrokerUrl, parse_broker_url
-from fedmask.protocol.topics import validate_id
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from fedmask.protocol.broker_url import BrokerUrl, parse_broker_url
+from fedmask.protocol.topics import validate_id
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--arch", help="model architecture (default: the workload's own)")
     add_option(p, "--eval-every", type=int, default=1, help="evaluate all devices every N rounds")
     add_option(p, "--max-payload", type=int, default=128 * 1024, help="largest MQTT payload in bytes")
-    add_option(p, "--transport", default="inproc", choices=["inproc", "mqtt"], help="message transport")
+    add_option(p, "--transport", default="mqtt", choices=["inproc", "mqtt"], help="message transport")
+    add_option(
+        p, "--threads", type=int, default=1, help="torch threads per training (1 avoids oversubscribing small models)"
+    )
     p.add_argument("--hyper", action="append", metavar="S.K=V", help="hyperparameter, e.g. fedmask.lr=0.1")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     p.set_defaults(handler=run)
@@ -77,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         max_payload=args.max_payload,
         transport=args.transport,
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     document = run_simulation(config, progress=args.progress)
     print(markdown_table(document))
     print(f"results in {config.output_dir}/ (results.json, results.md, accuracy.png, uplink.png)")

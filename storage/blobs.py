@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
+from sqlalchemy import Connection, select
+
 from fedmask.storage.errors import BlobIntegrityError, PayloadPrunedError, StorageError
 from fedmask.storage.schema import Blob
 from fedmask.storage.statements import hot_statements
-from sqlalchemy import Connection, select
 
 
 def sha256_hex(data: bytes) -> str:

@@ -100,8 +100,10 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _print_upgrade(store: Store) -> None:
+    from fedmask.storage.migrate import head_revision
+
     store.upgrade()
-    print(f"{store!r}: schema is at the newest revision")
+    print(f"{store.url.render_as_string(hide_password=True)}: schema at revision {head_revision()} (newest)")
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -282,9 +284,10 @@ def _models_export(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, action: Any, *, must_exist: bool = True) -> int:
     """Open the store named by --db, run ``action`` on it, turn storage errors into exit code 1."""
+    from sqlalchemy.exc import OperationalError
+
     from fedmask.storage import StorageError, Store
     from fedmask.storage.engine import normalize_url
-    from sqlalchemy.exc import OperationalError
 
     url = None
     try:

@@ -14,10 +14,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from fedmask.storage.errors import StorageError
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+
+from fedmask.storage.errors import StorageError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -78,15 +79,35 @@ def make_engine(url: str | URL, *, sqlite_synchronous: str = "FULL", **kwargs: A
 
 
 @contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, *, sqlite_foreign_keys: bool = True) -> Iterator[Connection]:
     """A connection in a transaction that commits on success and rolls back on error.
 
     On SQLite it holds the write lock from the start (see the module docstring).
+    ``sqlite_foreign_keys=False`` is for migrations: SQLite alters a table by rebuilding it, and with
+    foreign keys enforced, dropping the old copy fails. This follows SQLite's documented procedure:
+    keys off outside the transaction, change, ``PRAGMA foreign_key_check`` before committing, keys on.
     """
     with engine.connect() as connection:
-        connection = connection.execution_options(**{_WRITE_OPTION: True})
-        with connection.begin():
-            yield connection
+        relax = not sqlite_foreign_keys and connection.dialect.name == "sqlite"
+        if relax:
+            _sqlite_pragma(connection, "foreign_keys=OFF")
+        try:
+            connection = connection.execution_options(**{_WRITE_OPTION: True})
+            with connection.begin():
+                yield connection
+                if relax and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").all()):
+                    raise StorageError(
+                        f"foreign keys broken by the migration (table, rowid, parent): {broken[:5]}"
+                    )
+        finally:
+            if relax:
+                _sqlite_pragma(connection, "foreign_keys=ON")
+
+
+def _sqlite_pragma(connection: Connection, pragma: str) -> None:
+    # Straight to the driver: through SQLAlchemy the statement would open a transaction, and these
+    # pragmas are no-ops inside one.
+    connection.connection.driver_connection.execute(f"PRAGMA {pragma}")
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fedmask.storage.schema import Aggregate, Blob, PersonalizedModel, Round, Update
 from sqlalchemy import Connection, delete, exists, func, or_, select, text, update
+
+from fedmask.storage.schema import Aggregate, Blob, PersonalizedModel, Round, Update
 
 _MODEL_FILES = (
     PersonalizedModel.mask_sha256,
@@ -21,7 +22,8 @@ def prune(connection: Connection, keep_last: int) -> int:
     """
     if connection.dialect.name == "postgresql":
         # Writers wait while we decide what is unreferenced, so none can start referring to a blob we
-        # are about to free. (SQLite already gives this transaction the only write lock.)
+        # are about to free. (SQLite already gives this transaction the only write lock.) Blobs first:
+        # every writer touches blobs before the tables that refer to them, so the order cannot deadlock.
         connection.execute(
             text("LOCK TABLE blobs, updates, aggregates, personalized_models IN SHARE ROW EXCLUSIVE MODE")
         )

@@ -9,8 +9,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from fedmask.storage.engine import write_transaction
 from sqlalchemy import Connection, Engine, inspect, text
+
+from fedmask.storage.engine import write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     Runs in one transaction holding the write lock (SQLite) or an advisory lock (PostgreSQL), so several
     processes starting at once migrate the database exactly once.
     """
-    with write_transaction(engine) as connection:
+    with write_transaction(engine, sqlite_foreign_keys=False) as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         before = current_revision(connection)
@@ -63,5 +64,5 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Migrate the database down to ``revision`` ("base" drops every table the store created)."""
-    with write_transaction(engine) as connection:
+    with write_transaction(engine, sqlite_foreign_keys=False) as connection:
         command.downgrade(alembic_config(connection), revision)

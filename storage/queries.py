@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from sqlalchemy import BigInteger, ColumnElement, Connection, cast, func, select
+
 from fedmask.storage.blobs import read_blob
 from fedmask.storage.errors import StorageError
 from fedmask.storage.records import (
@@ -33,7 +35,6 @@ from fedmask.storage.schema import (
     Task,
     Update,
 )
-from sqlalchemy import BigInteger, ColumnElement, Connection, cast, func, select
 
 # Which stored file each export format is.
 EXPORT_COLUMNS = {

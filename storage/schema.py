@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, ClassVar
 
-from fedmask.storage.types import JSONDocument, RowId, UTCDateTime
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -29,6 +28,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fedmask.storage.types import JSONDocument, RowId, UTCDateTime
 
 # Deterministic constraint names, so migrations can address them identically on both engines.
 NAMING_CONVENTION = {

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fedmask.storage.schema import Blob, Device, Round
-from fedmask.storage.schema import Update as UpdateRow
 from sqlalchemy import Connection, Select, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
+
+from fedmask.storage.schema import Blob, Device, Round
+from fedmask.storage.schema import Update as UpdateRow
 
 
 @dataclass(frozen=True)

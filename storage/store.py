@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy.engine import URL
+
 from fedmask.storage import housekeeping, migrate, queries, validation
 from fedmask.storage.blobs import put_blob, read_blob, sha256_hex, verified
 from fedmask.storage.engine import make_engine, normalize_url, read_transaction, write_transaction
@@ -45,8 +48,7 @@ from fedmask.storage.schema import (
 )
 from fedmask.storage.statements import hot_statements, insert_for
 from fedmask.storage.types import require_utc, utcnow
-from sqlalchemy import Connection, Engine, case, func, select, update
-from sqlalchemy.engine import URL
+from fedmask.storage.validation import INT32_MAX, INT64_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,7 @@ class Store:
             validation.name(presence, "presence", 32)
         seen = utcnow() if seen_at is None else require_utc(seen_at, "seen_at")
         with write_transaction(self._engine) as connection:
-            fleet_pk = self._fleet_pk(connection, fleet, seen)
+            fleet_pk = self._fleet_pk(connection, fleet, utcnow())
             insert = insert_for(connection, Device).values(
                 fleet_pk=fleet_pk,
                 device_id=device_id,
@@ -212,8 +214,8 @@ class Store:
     def open_round(self, task_id: str, round_no: int, *, quorum: int, deadline: dt.datetime) -> None:
         """Open round ``round_no`` of a task; opening it again is a no-op (the first quorum and deadline
         stay)."""
-        validation.integer(round_no, "round_no", minimum=0)
-        validation.integer(quorum, "quorum", minimum=1)
+        validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
+        validation.integer(quorum, "quorum", minimum=1, maximum=INT32_MAX)
         deadline = require_utc(deadline, "deadline")
         now = utcnow()
         with write_transaction(self._engine) as connection:
@@ -251,11 +253,12 @@ class Store:
         before is registered in the task's fleet: an update is proof it exists.
         """
         validation.name(device_id, "device_id")
+        validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
         values = {
-            "base_round": validation.integer(base_round, "base_round", minimum=0),
-            "staleness": validation.integer(staleness, "staleness", minimum=0),
+            "base_round": validation.integer(base_round, "base_round", minimum=0, maximum=INT32_MAX),
+            "staleness": validation.integer(staleness, "staleness", minimum=0, maximum=INT32_MAX),
             "weight": validation.finite(weight, "weight", minimum=0.0),
-            "num_samples": validation.integer(num_samples, "num_samples", minimum=0),
+            "num_samples": validation.integer(num_samples, "num_samples", minimum=0, maximum=INT32_MAX),
             "metrics": validation.json_document(metrics, "metrics"),
         }
         payload = validation.as_bytes(payload, "payload")
@@ -303,6 +306,11 @@ class Store:
         validation.name(reason, "reason", 64)
         if not isinstance(detail, str):
             raise TypeError(f"detail: expected a string, got {type(detail).__name__}")
+        # What a refused message claimed may itself be garbage; keep what fits, never fail on it.
+        if not _fits(round_no, 0, INT32_MAX):
+            round_no = None
+        if not _fits(payload_size, 0, INT64_MAX):
+            payload_size = None
         now = utcnow()
         with write_transaction(self._engine) as connection:
             connection.execute(
@@ -577,6 +585,10 @@ class Store:
             .on_conflict_do_nothing(index_elements=[Device.fleet_pk, Device.device_id])
         )
         return connection.scalar(query)
+
+
+def _fits(value: Any, minimum: int, maximum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
 
 
 def _earlier(stored: Any, given: Any) -> Any:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1  # INTEGER columns (round numbers, counts) on PostgreSQL
 
 
 def as_bytes(value: Any, field: str) -> bytes:

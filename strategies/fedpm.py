@@ -13,6 +13,10 @@ rounds so that old masks do not freeze the estimate. With the flat prior 1 and a
 server half cannot see the fleet size, so whoever configures the run sets ``reset_every`` (the
 comparison benchmark does).
 
+Round 1 starts from ``p = sigmoid(score_init)`` everywhere, the network FedMask starts from. (The
+paper draws scores around 0, p ~ 1/2, over weights scaled up by e; our frozen weights are scaled for a
+dense start, and keeping about half of them at random would shrink the signal at every layer.)
+
 Probabilities go down as ``f16``: within 2**-11 of float32 in [0, 1], which moves ``logit(p)`` far less
 than one Adam step on the scores. A device clips ``p`` to [``prob_clip``, 1 - ``prob_clip``] before
 taking the logit, so a weight every device kept can still be dropped by local training.
@@ -50,7 +54,7 @@ DEFAULTS = {
     "prior": 1.0,  # Beta(prior, prior); 1 is flat, so the posterior mode is the mean of masks
     "reset_every": 1,
     "prob_clip": 0.01,
-    "init_prob": 0.5,  # round 1 starts from p = 1/2 everywhere (scores 0)
+    "init_prob": None,  # None: sigmoid(MaskConfig.score_init), the network FedMask starts from
 }
 
 
@@ -106,7 +110,7 @@ class FedPMServer(ServerHalf):
         self.rounds_since_reset = 0
 
     def initial_body(self) -> Body | None:
-        return None  # every device starts from init_prob
+        return None  # every device starts from the same initial probabilities (init_prob)
 
     def expected_update(self) -> dict[str, tuple[int, ...]]:
         return {"mask": (self.num_bits,)}
@@ -131,7 +135,10 @@ class FedPMClient(ClientHalf):
         self.clip = float(_hyper(spec, "prob_clip"))
         if not 0.0 < self.clip < 0.5:
             raise ValueError(f"fedpm: prob_clip must be in (0, 0.5), got {self.clip}")
-        self._start_from(np.full(self.model.num_mask_bits, float(_hyper(spec, "init_prob"))))
+        init_prob = _hyper(spec, "init_prob")
+        if init_prob is None:
+            init_prob = 1.0 / (1.0 + np.exp(-self.model.mask_config.score_init))
+        self._start_from(np.full(self.model.num_mask_bits, float(init_prob)))
 
     def _start_from(self, probs: np.ndarray) -> None:
         self.model.set_scores(logit(probs, self.clip))

@@ -7,8 +7,8 @@ gradient step*. A local step takes independent minibatches D, D' (and D'' for He
     first-order (FO):   w <- w - beta * grad f(w_tmp; D')
     Hessian-free (HF):  w <- w - beta * (I - alpha * H(w; D'')) grad f(w_tmp; D')
 
-where HF approximates the Hessian-vector product by a central difference of gradients,
-``H v ~ (grad f(w + delta v) - grad f(w - delta v)) / (2 delta)`` (the paper's Per-FedAvg (HF)).
+where HF approximates the Hessian-vector product by a central difference of gradients (the paper's
+Per-FedAvg (HF)), ``H v ~ (grad f(w + r) - grad f(w - r)) / (2 |r| / |v|)`` with ``r = delta v / |v|``.
 Consecutive minibatches of a shuffled epoch form the groups, so an epoch still visits each sample once.
 
 Weights travel as float32 both ways and the server averages them like FedAvg. Before testing (every
@@ -42,7 +42,7 @@ from fedmask.strategies.fedavg import FedAvgServer, weights_body
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import as_tensors, derive_seed, evaluate
 
-DEFAULTS = {"lr": 0.05, "alpha": 0.01, "delta": 1e-3, "adapt_steps": 1}
+DEFAULTS = {"lr": 0.05, "alpha": 0.01, "delta": 1e-2, "adapt_steps": 1}
 VARIANTS = ("fo", "hf")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -63,6 +63,30 @@ def gradients(model: nn.Module, params: list[torch.Tensor], batch: Batch) -> lis
 def _add_(params: list[torch.Tensor], vectors: list[torch.Tensor], scale: float) -> None:
     for p, v in zip(params, vectors):
         p.add_(v, alpha=scale)
+
+
+def hessian_vector(
+    model: nn.Module, params: list[torch.Tensor], batch: Batch, vector: list[torch.Tensor], delta: float
+) -> list[torch.Tensor]:
+    """``H(w; batch) @ vector`` by a central difference of gradients, no second derivatives needed.
+
+    The probe points are ``w +- r`` with ``r = delta * vector / |vector|``: a step of fixed length
+    ``delta`` whatever the size of ``vector``, large enough to rise above float32 rounding in the
+    gradients and small enough for the difference to stay local. ``params`` end where they started.
+    """
+    norm = float(torch.sqrt(sum((v * v).sum() for v in vector)))
+    if norm == 0.0:
+        return [torch.zeros_like(v) for v in vector]
+    start = [p.detach().clone() for p in params]
+    step = delta / norm
+    _add_(params, vector, step)
+    plus = gradients(model, params, batch)
+    _add_(params, vector, -2.0 * step)
+    minus = gradients(model, params, batch)
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    return [(gp - gm) / (2.0 * step) for gp, gm in zip(plus, minus)]
 
 
 def meta_step(
@@ -88,16 +112,7 @@ def meta_step(
         for p, s in zip(params, start):
             p.copy_(s)
     if variant == "hf":
-        # Central difference of gradients at w +- delta * outer approximates H(w; D'') @ outer.
-        _add_(params, outer, delta)
-        plus = gradients(model, params, batches[2])
-        _add_(params, outer, -2.0 * delta)
-        minus = gradients(model, params, batches[2])
-        _add_(params, outer, delta)
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)  # undo the float rounding of +delta -2delta +delta
-        outer = [o - alpha * (gp - gm) / (2.0 * delta) for o, gp, gm in zip(outer, plus, minus)]
+        outer = [o - alpha * hv for o, hv in zip(outer, hessian_vector(model, params, batches[2], outer, delta))]
     _add_(params, outer, -beta)
     return float(loss.detach())
 

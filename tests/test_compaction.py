@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from fedmask.models.compaction import (
     StackedLastStepLSTM,
     compact,
@@ -13,7 +15,6 @@ from fedmask.models.compaction import (
 )
 from fedmask.models.layers import LastStepLSTM, MaskConfig
 from fedmask.models.zoo import ARCHITECTURES, build_model
-from torch import nn
 
 TOLERANCE = 1e-5
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from fedmask.protocol.broker_url import (
     ENV_PASSWORD,
     ENV_USERNAME,
@@ -132,3 +133,28 @@ def test_precedence_url_then_file_then_environment(tmp_path: Path) -> None:
 def test_environment_password_without_username_is_an_error() -> None:
     with pytest.raises(BrokerUrlError, match=ENV_USERNAME):
         parse_broker_url("mqtt://h", env={ENV_PASSWORD: "pw"})
+
+
+def test_shared_cli_options_resolve_from_flags_env_and_defaults(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from fedmask.config import resolve
+    from fedmask.protocol.cli_options import DEFAULT_BROKER, add_broker_options, broker_from_args
+
+    parser = argparse.ArgumentParser()
+    add_broker_options(parser)
+    monkeypatch.delenv("FEDMASK_BROKER", raising=False)
+    monkeypatch.delenv(ENV_USERNAME, raising=False)
+    monkeypatch.delenv(ENV_PASSWORD, raising=False)
+    args = resolve(parser.parse_args([]))
+    assert (args.broker, args.mqtt_protocol, args.max_payload) == (DEFAULT_BROKER, "5", 128 * 1024)
+    assert broker_from_args(args) == BrokerUrl("127.0.0.1", 1883)
+
+    creds = secret_file(tmp_path / "creds", "dev-5:pw")
+    monkeypatch.setenv("FEDMASK_BROKER", "mqtts://broker.local")
+    monkeypatch.setenv("FEDMASK_MAX_PAYLOAD", "65536")
+    args = resolve(parser.parse_args(["--credentials-file", str(creds), "--mqtt-protocol", "3.1.1"]))
+    assert (args.mqtt_protocol, args.max_payload) == ("3.1.1", 65536)
+    assert broker_from_args(args) == BrokerUrl(
+        "broker.local", 8883, tls=True, username="dev-5", password="pw"
+    )

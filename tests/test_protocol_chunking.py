@@ -9,6 +9,7 @@ import random
 import msgpack
 import numpy as np
 import pytest
+
 from fedmask.protocol import messages as m
 from fedmask.protocol.chunking import (
     DEFAULT_MAX_PAYLOAD,

@@ -9,6 +9,10 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
 from fedmask.protocol.tensor_codec import (
     CODINGS,
     CodecError,
@@ -21,9 +25,6 @@ from fedmask.protocol.tensor_codec import (
     pack_bits,
     unpack_bits,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)

@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
+
 from fedmask.protocol import messages as m
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.tensor_codec import Coded
@@ -24,6 +25,7 @@ FLEET = "fleet-a"
 def tiny_tflite() -> bytes:
     """A real TFLite flatbuffer (y = x + [0, 1, 2, 3]), written with the project's builder."""
     import tflite
+
     from fedmask.models.tflite_builder import GraphBuilder  # imports torch: only where needed
 
     graph = GraphBuilder()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.staleness import DEFAULT_STALENESS_ALPHA, staleness_weight
 

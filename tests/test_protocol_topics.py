@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import paho.mqtt.client as mqtt
 import pytest
+
 from fedmask.protocol.errors import ProtocolError, Rejection
-from fedmask.protocol.topics import Route, Topics, chunk_filter, chunk_topic, shared, validate_id
+from fedmask.protocol.topics import Route, Topics, chunk_base, chunk_filter, chunk_topic, shared, validate_id
 
 
 def test_topic_tree_of_a_fleet() -> None:
@@ -85,3 +86,10 @@ def test_parse_refuses_foreign_or_malformed_topics(topic: str) -> None:
     with pytest.raises(ProtocolError) as err:
         Topics("fleet-a").parse(topic)
     assert err.value.reason is Rejection.BAD_ID
+
+
+def test_chunk_base_is_the_reassembly_key_of_a_frame() -> None:
+    topics = Topics("fleet-a")
+    assert chunk_base(chunk_topic(topics.round, 17)) == topics.round
+    assert chunk_base(topics.round) == topics.round
+    assert chunk_base(topics.up("chunk")) == topics.up("chunk")  # a device may be called "chunk"

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-from fedmask.storage import Store
 
 from fedmask.cli import main
+from fedmask.storage import Store
+from fedmask.storage.migrate import head_revision
 
 UTC = dt.timezone.utc
 FLEET, TASK = "orchard", "orchard-t1"
@@ -49,7 +50,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def test_db_upgrade_creates_the_schema(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "newest revision" in run(capsys, "db", "upgrade", "--db", sqlite_url)
+    out = run(capsys, "db", "upgrade", "--db", sqlite_url)
+    assert f"schema at revision {head_revision()} (newest)" in out
     with Store(sqlite_url) as store:
         store.check_schema()
     assert run(capsys, "devices", "--json", "--db", sqlite_url) == "[]\n"

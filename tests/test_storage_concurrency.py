@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
-from fedmask.storage import Store
 
 from fedmask.cli import main as fedmask_main
+from fedmask.storage import Store
 
 UTC = dt.timezone.utc
 FLEET, TASK = "orchard", "orchard-t1"

@@ -7,9 +7,10 @@ import hashlib
 import os
 
 import pytest
+from sqlalchemy import select, update
+
 from fedmask.storage import BlobIntegrityError, PayloadPrunedError, Store
 from fedmask.storage.schema import Blob
-from sqlalchemy import select, update
 
 UTC = dt.timezone.utc
 FLEET, TASK = "orchard", "orchard-t1"

@@ -11,9 +11,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import main as alembic_main
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+
 from fedmask.storage import StorageError, Store, migrate
 from fedmask.storage.schema import Base
-from sqlalchemy import inspect, text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

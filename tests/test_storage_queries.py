@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
+
 from fedmask.storage import StorageError, Store
 
 UTC = dt.timezone.utc

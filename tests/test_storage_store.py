@@ -8,9 +8,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+
 from fedmask.storage import RoundClosedError, StorageError, Store
 from fedmask.storage.schema import Blob, Device, Update
-from sqlalchemy import func, select, text
 
 UTC = dt.timezone.utc
 FLEET, TASK = "greenhouse", "har-mask-1"
@@ -247,11 +249,14 @@ def test_rejections_are_recorded_with_or_without_attribution(ready: Store) -> No
         device_id="pi-07",
         payload_size=99,
     )
+    # What a hostile message claims must not stop the rejection from being recorded.
+    ready.record_rejection(FLEET, reason="wrong_round", detail="", round_no=2**40, payload_size=-5)
     (rejection,) = ready.round_detail(TASK, 1).rejections
     assert (rejection.reason, rejection.device_id, rejection.payload_size) == ("bad_checksum", "pi-07", 99)
     assert 0 < len(rejection.detail) < 10_000  # a hostile message cannot bloat the store
     with ready.engine.connect() as connection:
-        assert connection.scalar(text("SELECT count(*) FROM rejections WHERE task_id IS NULL")) == 1
+        unattributed = "SELECT count(*) FROM rejections WHERE task_id IS NULL AND round_no IS NULL"
+        assert connection.scalar(text(unattributed)) == 2
 
 
 @pytest.fixture
@@ -269,6 +274,7 @@ def sqlite_ready(sqlite_url: str) -> Iterator[Store]:
     [
         ("weight", float("nan"), "weight: nan is not a finite number"),
         ("num_samples", -1, r"num_samples: -1 is outside"),
+        ("base_round", 2**31, r"base_round: 2147483648 is outside \[0, 2147483647\]"),
         ("metrics", {"loss": float("inf")}, "metrics: not storable as JSON"),
         ("metrics", {"arr": object()}, "metrics: not storable as JSON"),
         ("payload", "text, not bytes", "payload: expected bytes, got str"),
@@ -313,8 +319,17 @@ def test_bare_postgresql_url_uses_psycopg_3() -> None:
 
 
 def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(sqlite_url: str) -> None:
-    with Store(sqlite_url) as store, store.engine.connect() as connection:
-        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
-        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    with Store(sqlite_url) as store:
+        store.upgrade()  # migrates with foreign keys off; the pooled connection must get them back
+        with store.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        with pytest.raises(IntegrityError, match="FOREIGN KEY"), store.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO tasks (task_id, fleet_pk, spec, seed, weights_digest, strategy, "
+                    "arch, created_at) VALUES ('t', 999, '{}', 1, 'd', 's', 'a', '2026-01-01')"
+                )
+            )

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import tflite
 import torch
+from torch import nn
+
 from fedmask.device_agent.inference import TFLiteModel
 from fedmask.models.compaction import compact
 from fedmask.models.layers import MaskConfig
 from fedmask.models.tflite_builder import BUFFER_ALIGNMENT
 from fedmask.models.tflite_export import ExportError, export_tflite
 from fedmask.models.zoo import build_model
-from torch import nn
 
 TOLERANCE = 1e-4
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from fedmask.cli import main
 from fedmask.datasets.federated import DeviceData, save_device
 from fedmask.models.tflite_export import export_tflite
 from fedmask.models.zoo import build_model
-
-from fedmask.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from fedmask.device_agent import inference
 from fedmask.device_agent.inference import (
     ModelInputError,
@@ -20,7 +22,6 @@ from fedmask.device_agent.inference import (
 )
 from fedmask.models.layers import LastStepLSTM
 from fedmask.models.tflite_export import export_tflite
-from torch import nn
 
 
 @pytest.fixture(scope="module")

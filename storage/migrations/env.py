@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from sqlalchemy import Connection
+
 from fedmask.storage.engine import make_engine, write_transaction
 from fedmask.storage.schema import Base
-from sqlalchemy import Connection
 
 config = context.config
 
