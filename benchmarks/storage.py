@@ -96,15 +96,16 @@ def time_each(calls: list[Callable[[], Any]]) -> list[float]:
     return seconds
 
 
-def raw_inserts(url: str, payloads: list[bytes]) -> list[float]:
-    """Baseline: the bare driver, one INSERT + COMMIT per payload, same durability settings."""
+def raw_writer(url: str) -> tuple[Callable[[int, bytes], None], Callable[[], None]]:
+    """Baseline: the bare driver, one INSERT + COMMIT per payload, same durability settings as the store.
+    Returns (insert, close)."""
     if url.startswith("sqlite"):
         connection = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("CREATE TABLE raw_baseline (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
 
-        def insert_one(data: bytes) -> None:
+        def insert(_index: int, data: bytes) -> None:
             connection.execute("BEGIN IMMEDIATE")
             connection.execute("INSERT INTO raw_baseline (payload) VALUES (?)", (data,))
             connection.execute("COMMIT")
@@ -116,44 +117,55 @@ def raw_inserts(url: str, payloads: list[bytes]) -> list[float]:
         connection.execute("CREATE TABLE raw_baseline (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
         connection.commit()
 
-        def insert_one(data: bytes) -> None:
+        def insert(_index: int, data: bytes) -> None:
             connection.execute("INSERT INTO raw_baseline (payload) VALUES (%s)", (data,))
             connection.commit()
 
-    try:
-        return time_each([lambda data=data: insert_one(data) for data in payloads])
-    finally:
-        connection.close()
+    return insert, connection.close
 
 
-def store_inserts(store: Store, payloads: list[bytes], task_id: str) -> list[float]:
+def store_writer(store: Store, task_id: str, devices: int) -> Callable[[int, bytes], None]:
+    """``Store.record_update`` into an open round whose devices announced themselves (steady state)."""
     store.register_task(
         FLEET, task_id, spec={}, seed=1, weights_digest="d" * 64, strategy="fedmask", arch="b"
     )
     store.open_round(task_id, 1, quorum=1, deadline=dt.datetime.now(UTC) + dt.timedelta(hours=1))
-    for index in range(len(payloads)):  # steady state: devices announced themselves before sending
+    for index in range(devices):
         store.upsert_device(FLEET, f"dev-{index:05d}", presence="online")
 
-    def record(index: int, data: bytes) -> None:
+    def insert(index: int, data: bytes) -> None:
         fields = {"base_round": 0, "staleness": 0, "weight": 1.0, "num_samples": 64, "metrics": {"loss": 0.5}}
         assert store.record_update(task_id, 1, f"dev-{index:05d}", payload=data, **fields)
 
-    return time_each([lambda i=i, data=data: record(i, data) for i, data in enumerate(payloads)])
+    return insert
 
 
 def ingest_rows(engine: str, url: str, inserts: int, payload_bytes: int) -> list[dict[str, Any]]:
-    payloads = [os.urandom(payload_bytes) for _ in range(inserts)]
-    baseline = raw_inserts(url, payloads)
-    variants = [("store", {})]
+    """Baseline and store variants take turns on each payload, so all see the same disk and CPU weather."""
+    baseline_label = "raw driver INSERT+COMMIT (baseline)"
+    raw_insert, raw_close = raw_writer(url)
+    variants: dict[str, dict[str, Any]] = {"store": {}}
     if engine == "sqlite":
-        variants.append(("store, synchronous=NORMAL", {"sqlite_synchronous": "NORMAL"}))
-    rows = [ingest_row(engine, "raw driver INSERT+COMMIT (baseline)", baseline, baseline, payload_bytes)]
-    for index, (label, options) in enumerate(variants):
-        with Store(url, **options) as store:
-            store.upgrade()
-            seconds = store_inserts(store, payloads, f"{TASK}-ingest-{index}")
-        rows.append(ingest_row(engine, label, seconds, baseline, payload_bytes))
-    return rows
+        variants["store, synchronous=NORMAL"] = {"sqlite_synchronous": "NORMAL"}
+    stores = {label: Store(url, **options) for label, options in variants.items()}
+    writers = {baseline_label: raw_insert}
+    for index, (label, store) in enumerate(stores.items()):
+        store.upgrade()
+        writers[label] = store_writer(store, f"{TASK}-ingest-{index}", inserts)
+    seconds: dict[str, list[float]] = {label: [] for label in writers}
+    try:
+        for index in range(inserts):
+            data = os.urandom(payload_bytes)
+            for label, insert in writers.items():
+                start = time.perf_counter()
+                insert(index, data)
+                seconds[label].append(time.perf_counter() - start)
+    finally:
+        raw_close()
+        for store in stores.values():
+            store.close()
+    baseline = seconds[baseline_label]
+    return [ingest_row(engine, label, times, baseline, payload_bytes) for label, times in seconds.items()]
 
 
 def ingest_row(

@@ -39,7 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.register(sub)
+    _accept_config_everywhere(sub)
     return parser
+
+
+def _accept_config_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Let `--config FILE` also follow the subcommand (`fedmask simulate --config run.yaml`)."""
+    for parser in set(sub.choices.values()):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for action in nested:
+                _accept_config_everywhere(action)
+        elif "--config" not in parser._option_string_actions:
+            parser.add_argument(
+                "--config", default=argparse.SUPPRESS, metavar="FILE", help="YAML/JSON config file"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

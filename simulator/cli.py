@@ -51,9 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--max-payload", type=int, default=128 * 1024, help="largest MQTT payload in bytes")
     add_option(p, "--transport", default="mqtt", choices=["inproc", "mqtt"], help="message transport")
     add_option(
-        p, "--threads", type=int, default=1, help="torch threads per training (1 avoids oversubscribing small models)"
+        p,
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per training (1 avoids oversubscribing small models)",
     )
-    p.add_argument("--hyper", action="append", metavar="S.K=V", help="hyperparameter, e.g. fedmask.lr=0.1")
+    add_option(
+        p,
+        "--hyper",
+        action="append",
+        metavar="S.K=V",
+        help="hyperparameter, e.g. fedmask.lr=0.1 (config file: a mapping strategy -> {key: value})",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     p.set_defaults(handler=run)
 

@@ -1,7 +1,7 @@
 """Read-side queries, each a function of an open connection (the Store supplies the transaction).
 
-Counts per round or device are correlated subqueries over the indexed foreign keys, so a query on
-one task or fleet touches only that task's or fleet's rows, however many rounds the store holds.
+Counts come from the indexed foreign keys and are restricted to the fleet or task asked about, so a
+query on one task touches only that task's rows, however much else the store holds.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Connection, cast, func, select
+from sqlalchemy import BigInteger, ColumnElement, Connection, and_, cast, func, select
 
 from fedmask.storage.blobs import read_blob
 from fedmask.storage.errors import StorageError
@@ -126,15 +126,33 @@ def list_devices(connection: Connection, fleet: str | None) -> list[DeviceInfo]:
 
 
 def list_rounds(connection: Connection, fleet: str | None, task_id: str | None) -> list[RoundSummary]:
-    of_round = Update.round_pk == Round.id
-    participants = select(func.count()).where(of_round).scalar_subquery()
-    # PostgreSQL sums BIGINT as NUMERIC; cast back so both engines return int.
-    total = cast(func.coalesce(func.sum(Update.payload_bytes), 0), BigInteger)
-    payload_bytes = select(total).where(of_round).scalar_subquery()
-    rejections = (
-        select(func.count())
-        .where(Rejection.task_id == Task.task_id, Rejection.round_no == Round.round_no)
-        .scalar_subquery()
+    in_scope: list[ColumnElement[bool]] = []  # conditions on Task / Round
+    rejections_in_scope: list[ColumnElement[bool]] = [Rejection.round_no.is_not(None)]
+    if fleet is not None:
+        pk = fleet_pk(connection, fleet)
+        in_scope.append(Task.fleet_pk == pk)
+        rejections_in_scope.append(Rejection.fleet_pk == pk)
+    if task_id is not None:
+        in_scope.append(Round.task_pk == task_pk(connection, task_id))
+        rejections_in_scope.append(Rejection.task_id == task_id)
+    # One grouped pass over the rounds' updates (PostgreSQL sums BIGINT as NUMERIC: cast back to int).
+    per_round = (
+        select(
+            Update.round_pk,
+            func.count().label("participants"),
+            cast(func.sum(Update.payload_bytes), BigInteger).label("payload_bytes"),
+        )
+        .join(Round, Round.id == Update.round_pk)
+        .join(Task, Task.id == Round.task_pk)
+        .where(*in_scope)
+        .group_by(Update.round_pk)
+        .subquery()
+    )
+    rejected = (
+        select(Rejection.task_id, Rejection.round_no, func.count().label("rejections"))
+        .where(*rejections_in_scope)
+        .group_by(Rejection.task_id, Rejection.round_no)
+        .subquery()
     )
     query = (
         select(
@@ -143,9 +161,9 @@ def list_rounds(connection: Connection, fleet: str | None, task_id: str | None) 
             Round.round_no,
             Round.state,
             Round.quorum,
-            participants,
-            rejections,
-            payload_bytes,
+            func.coalesce(per_round.c.participants, 0),
+            func.coalesce(rejected.c.rejections, 0),
+            func.coalesce(per_round.c.payload_bytes, 0),
             Round.opened_at,
             Round.deadline,
             Round.closed_at,
@@ -153,12 +171,11 @@ def list_rounds(connection: Connection, fleet: str | None, task_id: str | None) 
         )
         .join(Task, Task.id == Round.task_pk)
         .join(Fleet, Fleet.id == Task.fleet_pk)
+        .outerjoin(per_round, per_round.c.round_pk == Round.id)
+        .outerjoin(rejected, and_(rejected.c.task_id == Task.task_id, rejected.c.round_no == Round.round_no))
+        .where(*in_scope)
         .order_by(Fleet.name, Task.task_id, Round.round_no)
     )
-    if fleet is not None:
-        query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
-    if task_id is not None:
-        query = query.where(Round.task_pk == task_pk(connection, task_id))
     return [
         RoundSummary(
             *row,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import NUM_CLASSES, WINDOW, run_federation, tiny_devices, tiny_spec, wire
+from strategy_harness import NUM_CLASSES, WINDOW, run_federation, tiny_devices, tiny_spec, torch_threads, wire
 
 from fedmask.datasets.federated import FederatedDataset
 from fedmask.simulator.config import SimulationConfig
@@ -20,6 +20,12 @@ TINY_HYPER = {
     "lgfedavg": {},
     "fedpm": {"local_epochs": 2},
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,9 @@ def test_device_state_survives_a_restart_through_an_npz_file(devices, name, tmp_
     spec = tiny_spec(name, **TINY_HYPER[name])
     strategy = get_strategy(name)
     clients = [strategy.client(spec, d) for d in devices]
-    updates = [ClientUpdate(d.device_id, wire(c.fit(None, 1).body), len(d.y_train)) for d, c in zip(devices, clients)]
+    updates = [
+        ClientUpdate(d.device_id, wire(c.fit(None, 1).body), len(d.y_train)) for d, c in zip(devices, clients)
+    ]
     global_body = wire(strategy.server(spec).aggregate(updates, 1))
 
     path = tmp_path / "state.npz"

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import tiny_devices, tiny_spec, wire
+from strategy_harness import tiny_devices, tiny_spec, torch_threads, wire
 
 from fedmask.protocol.tensor_codec import pack_bits
 from fedmask.strategies import ClientUpdate, get_strategy
 from fedmask.strategies.bnn import mean_of_signs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,9 @@ def test_server_sends_the_weighted_mean_of_signs_in_half_precision(devices):
 def test_device_starts_from_the_global_latent_weights(devices):
     spec = tiny_spec("bnn")
     strategy = get_strategy("bnn")
-    updates = [ClientUpdate(d.device_id, wire(strategy.client(spec, d).fit(None, 1).body), 1) for d in devices]
+    updates = [
+        ClientUpdate(d.device_id, wire(strategy.client(spec, d).fit(None, 1).body), 1) for d in devices
+    ]
     latent = wire(strategy.server(spec).aggregate(updates, 1))
     client = strategy.client(spec, devices[2])
     client.evaluate(latent)

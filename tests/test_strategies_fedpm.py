@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import tiny_devices, tiny_spec, wire
+from strategy_harness import tiny_devices, tiny_spec, torch_threads, wire
 
 from fedmask.strategies import ClientUpdate, get_strategy
 from fedmask.strategies.fedpm import BetaPosterior, logit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,9 @@ def test_server_accumulates_until_the_reset(devices):
     rounds = [random_masks(3, size, seed) for seed in (1, 2, 3)]
     probs = []
     for round_no, masks in enumerate(rounds, start=1):
-        body = server.aggregate([ClientUpdate(f"d{i}", {"mask": m}, 10) for i, m in enumerate(masks)], round_no)
+        body = server.aggregate(
+            [ClientUpdate(f"d{i}", {"mask": m}, 10) for i, m in enumerate(masks)], round_no
+        )
         assert body["probs"].coding == "f16"
         probs.append(wire(body)["probs"])
     half = 2.0**-11  # f16 resolution in [0.5, 1]

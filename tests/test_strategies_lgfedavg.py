@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import run_federation, tiny_devices, tiny_spec
+from strategy_harness import run_federation, tiny_devices, tiny_spec, torch_threads
 
 from fedmask.models import WeightMode
 from fedmask.strategies import get_strategy
 from fedmask.strategies.lgfedavg import global_layer_names
 from fedmask.strategies.model_factory import build_for
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +39,12 @@ def test_split_by_count_or_by_name():
 def test_only_global_layers_travel_and_local_layers_stay_personal(devices, split):
     spec = tiny_spec("lgfedavg", global_layers=split)
     model = build_for(spec, WeightMode.DENSE)
-    shared = {layer.key(t) for name, layer in model.layers() if name in global_layer_names(model, split)
-              for t in layer.trainable()}
+    shared = {
+        layer.key(t)
+        for name, layer in model.layers()
+        if name in global_layer_names(model, split)
+        for t in layer.trainable()
+    }
     run = run_federation(spec, devices, rounds=2)
     assert set(run.server.expected_update()) == shared
     weights = [c.model.get_weights() for c in run.clients]

@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from strategy_harness import tiny_devices, tiny_spec, wire
+from strategy_harness import tiny_devices, tiny_spec, torch_threads, wire
 from torch import nn
 
 from fedmask.strategies import ClientUpdate, get_strategy
 from fedmask.strategies.perfedavg import batch_groups, hessian_vector, meta_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 def smooth_model() -> nn.Module:
@@ -20,7 +26,9 @@ def smooth_model() -> nn.Module:
 
 def batches(n: int = 3):
     gen = torch.Generator().manual_seed(1)
-    return tuple((torch.randn(12, 3, 32, generator=gen), torch.randint(0, 4, (12,), generator=gen)) for _ in range(n))
+    return tuple(
+        (torch.randn(12, 3, 32, generator=gen), torch.randint(0, 4, (12,), generator=gen)) for _ in range(n)
+    )
 
 
 def loss_grad(model, params, batch, create_graph=False):
@@ -99,7 +107,9 @@ def test_adaptation_is_for_testing_only(name):
     devices = tiny_devices(train_per_device=40)
     strategy = get_strategy(name)
     spec = tiny_spec(name)
-    updates = [ClientUpdate(d.device_id, wire(strategy.client(spec, d).fit(None, 1).body), 40) for d in devices]
+    updates = [
+        ClientUpdate(d.device_id, wire(strategy.client(spec, d).fit(None, 1).body), 40) for d in devices
+    ]
     global_body = wire(strategy.server(spec).aggregate(updates, 1))
     client = strategy.client(spec, devices[0])
     client.evaluate(global_body)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import tiny_devices, tiny_spec, wire, wire_bytes
+from strategy_harness import tiny_devices, tiny_spec, torch_threads, wire, wire_bytes
 
 from fedmask.strategies import ClientUpdate, get_strategy
 from fedmask.strategies.topk import encoded_bits, k_for_target_bits, split_update, top_k_selection
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,10 @@ def test_top_k_selection_keeps_the_largest_magnitudes():
 
 def test_split_update_is_exact_and_disjoint():
     rng = np.random.default_rng(1)
-    accumulated = {"a": rng.normal(size=(7, 5)).astype(np.float32), "b": rng.normal(size=13).astype(np.float32)}
+    accumulated = {
+        "a": rng.normal(size=(7, 5)).astype(np.float32),
+        "b": rng.normal(size=13).astype(np.float32),
+    }
     chosen = top_k_selection(np.concatenate([v.ravel() for v in accumulated.values()]), 9)
     sent, residual = split_update(accumulated, chosen)
     for name, value in accumulated.items():
