@@ -22,13 +22,15 @@ import msgpack
 import numpy as np
 
 from fedmask.protocol import messages
-from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.errors import BENIGN_REJECTIONS, ProtocolError, Rejection
 from fedmask.protocol.staleness import staleness_weight
 from fedmask.protocol.tensor_codec import decode_coded_body, encode_body
 from fedmask.protocol.topics import Topics
 from fedmask.strategies import ClientUpdate, ServerHalf, TaskSpec, get_strategy
 
 logger = logging.getLogger(__name__)
+
+BENIGN_REASONS = frozenset(reason.value for reason in BENIGN_REJECTIONS)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,20 @@ class RoundManager:
         logger.info(
             "all %d rounds done: asking %d devices to finalize", self.schedule.rounds, len(self.known_devices)
         )
-        return [self.finalize_directive(device) for device in sorted(self.known_devices)]
+        directives = [self.finalize_directive(device) for device in sorted(self.known_devices)]
+        return [self._final_announcement(), *directives]
+
+    def _final_announcement(self) -> Outbound:
+        """The last round's aggregate, announced as round ``rounds + 1``: devices finalize from it and
+        never train on it. Published before the finalize directives, so a device has it in time."""
+        msg = messages.RoundAnnouncement(
+            fleet=self.fleet,
+            task_id=self.task.task_id,
+            round=self.schedule.rounds + 1,
+            deadline=self.finalize_deadline,
+            body=self.global_body,
+        )
+        return Outbound(self.topics.round, messages.encode(msg), retain=True)
 
     def finalize_directive(self, device: str) -> Outbound:
         """Tells a device to build its personalized model (queued by its persistent session if offline)."""
@@ -230,7 +245,9 @@ class RoundManager:
         self, reason: Rejection | str, detail: str, *, device: str | None, topic: str, size: int
     ) -> Decision:
         reason = str(getattr(reason, "value", reason))
-        logger.warning("rejected message from %s on %s: %s (%s)", device or "?", topic, reason, detail)
+        # Redelivery noise (a frame or an update seen twice) is recorded too, but is no cause for alarm.
+        level = logging.DEBUG if reason in BENIGN_REASONS else logging.WARNING
+        logger.log(level, "rejected message from %s on %s: %s (%s)", device or "?", topic, reason, detail)
         self.store.record_rejection(
             self.fleet,
             reason=reason,

@@ -15,12 +15,14 @@ republishes its message (same bytes) until it has a receipt, and the store is id
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications
 from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage
 
@@ -39,6 +41,7 @@ class AggregatorService:
         client_id: str | None = None,
         tick_s: float = 0.2,
         shared_group: str | None = None,
+        reassembly_timeout_s: float = 120.0,
     ) -> None:
         self.fleet = fleet
         self.topics = Topics(fleet)
@@ -46,7 +49,12 @@ class AggregatorService:
         self.max_payload = task.schedule.max_payload
         self.tick_s = tick_s
         self.shared_group = shared_group
-        self.reassembler = Reassembler(on_expired=self._on_expired)
+        self.reassembler = Reassembler(timeout_s=reassembly_timeout_s, on_expired=self._on_expired)
+        # Decoding refuses a body declaring more elements than the model has, before allocating it.
+        expected = self.manager.expected
+        self.max_elements = (
+            sum(math.prod(shape) for shape in expected.values()) if expected else MAX_ELEMENTS
+        )
         self._frames_left: dict[str, int] = {}  # retained chunk frames we published per topic
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -87,6 +95,8 @@ class AggregatorService:
         while not self._stop.wait(self.tick_s):
             try:
                 with self._lock:
+                    # Incomplete messages expire here too, not only when the next frame arrives.
+                    self.reassembler.expire()
                     self._publish(self.manager.tick())
                     if self.manager.done:
                         self.finished.set()
@@ -130,12 +140,11 @@ class AggregatorService:
         return messages.encode(directive)
 
     def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
+        # Every frame was acked on arrival; the device republishes the whole message without a receipt.
         with self._lock:
             self.manager.reject(
                 error.reason, error.detail, device=sender, topic=self.topics.up(sender), size=0
             )
-            for frame in self._held.pop(sender, []):
-                self.connection.ack(frame)
 
     def _on_state(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -172,9 +181,8 @@ class AggregatorService:
         assert device is not None
         try:
             payload = self.reassembler.accept(device, message.payload)
-        except ProtocolError as exc:
-            if exc.reason is not Rejection.DUPLICATE_CHUNK:
-                self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=size)
+        except ProtocolError as exc:  # recorded, duplicates included (benign: logged at DEBUG)
+            self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=size)
             self.connection.ack(message)
             return
         if payload is None:  # a frame of a message still incomplete (see the module docstring)
@@ -182,7 +190,12 @@ class AggregatorService:
             return
         outbound: list[Outbound] = []
         try:
-            decoded = messages.decode(payload, (messages.Update, messages.Result), fleet=self.fleet)
+            decoded = messages.decode(
+                payload,
+                (messages.Update, messages.Result),
+                fleet=self.fleet,
+                max_elements=self.max_elements,
+            )
         except ProtocolError as exc:
             decision = self.manager.reject(
                 exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload)

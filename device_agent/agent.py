@@ -105,7 +105,7 @@ class DeviceAgent:
         capabilities: dict[str, Any] | None = None,
         train_lock: threading.Semaphore | None = None,
         latency_runs: int = 50,
-        receipt_timeout_s: float = 60.0,
+        receipt_timeout_s: float | None = None,
     ) -> None:
         self.fleet = fleet
         self.device_id = device_id
@@ -115,9 +115,10 @@ class DeviceAgent:
         self.capabilities = capabilities or {"samples": len(data.y_train), "runtime": "tflite"}
         self.train_lock = train_lock or threading.Semaphore(1)
         self.latency_runs = latency_runs
-        self.receipt_timeout_s = receipt_timeout_s
-        # Messages sent but not yet confirmed by a receipt ("update" / "result"), republished on a timer.
-        self._unconfirmed: dict[str, bytes] = {}
+        self._receipt_timeout_s = receipt_timeout_s  # None: the task's deadline_s
+        # Messages sent but not yet answered by a receipt or a rejection, by kind ("update" / "result"),
+        # with the base round of an update; republished (same bytes) on a timer until answered.
+        self._unconfirmed: dict[str, tuple[int, bytes]] = {}
         self._unconfirmed_lock = threading.Lock()
         self.receipts = 0
         self._stopped = False
@@ -127,6 +128,8 @@ class DeviceAgent:
         self.client: ClientHalf | None = None
         self.global_body: dict[str, np.ndarray] | None = None
         self.pending_round: messages.RoundAnnouncement | None = None
+        self.final_body_seen = False  # the last round's aggregate arrived (round ``rounds + 1``)
+        self.finalize_requested = False
         self.reassembler = Reassembler()
         self.bytes_sent = 0
         self.refused_task: str | None = None
@@ -234,6 +237,12 @@ class DeviceAgent:
         self.rounds_seen.append(announcement.round)
         body = announcement.body
         self.global_body = None if body is None else {k: c.array for k, c in body.items()}
+        if announcement.round > self.task.schedule.rounds:
+            # The aggregate of the last round: nothing to train, but the model is finalized from it.
+            self.final_body_seen = True
+            if self.finalize_requested:
+                self._finalize()
+            return
         if announcement.round <= self.state.last_round or self.state.finalized:
             return  # already answered (e.g. the retained announcement again after a reconnect)
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
@@ -262,16 +271,23 @@ class DeviceAgent:
             metrics={k: float(v) for k, v in fit.metrics.items()},
             body=fit.body,
         )
-        self._send("update", messages.encode(update))
+        self._send("update", round_no, messages.encode(update))
         self.state.last_round = round_no
         self.state.client_state = self.client.state_dict()
         self.state.save()
         logger.info("%s: sent its update for round %d", self.device_id, round_no)
 
-    def _send(self, kind: str, payload: bytes) -> None:
+    @property
+    def receipt_timeout_s(self) -> float:
+        """How long to wait for a receipt before republishing (default: the task's ``deadline_s``)."""
+        if self._receipt_timeout_s is not None:
+            return self._receipt_timeout_s
+        return self.task.schedule.deadline_s if self.task is not None else 60.0
+
+    def _send(self, kind: str, round_no: int, payload: bytes) -> None:
         """Publish and keep the message until the aggregator's receipt (republished on a timer)."""
         with self._unconfirmed_lock:
-            self._unconfirmed[kind] = payload
+            self._unconfirmed[kind] = (round_no, payload)
         self._publish(payload)
         self._schedule_resend(kind, payload)
 
@@ -282,7 +298,8 @@ class DeviceAgent:
 
     def _resend(self, kind: str, payload: bytes) -> None:
         with self._unconfirmed_lock:
-            if self._unconfirmed.get(kind) is not payload or self._stopped:
+            pending = self._unconfirmed.get(kind)
+            if pending is None or pending[1] is not payload or self._stopped:
                 return
         logger.warning(
             "%s: no receipt for its %s after %.0fs; republishing",
@@ -307,14 +324,36 @@ class DeviceAgent:
         if self.task is None or directive.task_id != self.task.task_id:
             return
         if directive.kind == "finalize":
-            self._finalize()
-        elif directive.kind == "rejected":
+            self.finalize_requested = True
+            if self.final_body_seen:
+                self._finalize()
+            else:  # the final announcement is retained and follows; finalize from it
+                logger.info("%s: finalize requested; waiting for the last aggregate", self.device_id)
+            return
+        if directive.kind == "rejected":
             logger.warning(
-                "%s: the aggregator rejected our message: %s %s",
+                "%s: the aggregator rejected our %s of round %d: %s",
                 self.device_id,
+                directive.detail or "message",
+                directive.round,
                 directive.reason,
-                directive.detail,
             )
+        self._confirm(directive)
+
+    def _confirm(self, directive: messages.Directive) -> None:
+        """A receipt or rejection answers our pending message of that kind: stop republishing it.
+
+        The aggregator names the kind in ``detail`` ("update" / "result") and, for an update, its
+        base round in ``round``; an answer to an older update leaves the newer one pending.
+        """
+        kind = directive.detail
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+            if pending is None or (kind == "update" and pending[0] != directive.round):
+                return
+            del self._unconfirmed[kind]
+        if directive.kind == "receipt":
+            self.receipts += 1
 
     def _finalize(self) -> None:
         from fedmask.device_agent.finalize import personalized_artifacts
@@ -335,7 +374,7 @@ class DeviceAgent:
             weights=artifacts["weights"],
             tflite=artifacts["tflite"],
         )
-        self._send("result", messages.encode(result))
+        self._send("result", self.task.schedule.rounds, messages.encode(result))
         self.state.finalized = True
         self.state.save()
         logger.info(

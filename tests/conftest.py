@@ -4,5 +4,6 @@ pytest_plugins = (
     "fixtures.data",
     "fixtures.broker",
     "fixtures.database",
+    "fixtures.fleet",
     "fixtures.model_inputs",
 )

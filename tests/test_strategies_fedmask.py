@@ -23,16 +23,24 @@ def test_majority_rule_adopts_the_majority_mask_keeping_score_magnitudes():
     assert merged.tolist() == pytest.approx([-2.0, -0.5, 1.5, 0.1, 3.0])
 
 
-def test_overlap_rule_keeps_own_scores_where_the_fleet_disagrees():
+def test_overlap_rule_adopts_consensus_keeps_and_leaves_the_rest_personal():
+    share = np.array([0.0, 0.3, 0.5, 0.7, 0.8, 1.0])
+    body = _decoded(Overlap(keep_share=0.75).server_body(share))
+    assert set(body) == {"keep"}  # no consensus drop by default
+    assert body["keep"].tolist() == [False, False, False, False, True, True]
+    scores = np.array([1.0, -1.0, 1.0, -1.0, -2.0, 0.5], dtype=np.float32)
+    merged = Overlap(keep_share=0.75).merge(scores, body)
+    # A rarely kept weight (share 0.0) that this device keeps stays kept: it is personal.
+    assert merged.tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0, 2.0, 0.5])
+
+
+def test_overlap_rule_with_consensus_drop():
     share = np.array([0.0, 0.3, 0.5, 0.7, 0.8, 1.0])
     rule = Overlap(keep_share=0.75, drop_share=0.25)
     body = _decoded(rule.server_body(share))
-    assert body["keep"].tolist() == [False, False, False, False, True, True]
     assert body["drop"].tolist() == [True, False, False, False, False, False]
     scores = np.array([1.0, -1.0, 1.0, -1.0, -2.0, 0.5], dtype=np.float32)
-    merged = rule.merge(scores, body)
-    # Consensus drop and keep are adopted; the contested band (0.3, 0.5, 0.7) stays personal.
-    assert merged.tolist() == pytest.approx([-1.0, -1.0, 1.0, -1.0, 2.0, 0.5])
+    assert rule.merge(scores, body).tolist() == pytest.approx([-1.0, -1.0, 1.0, -1.0, 2.0, 0.5])
 
 
 def test_no_merge_rule_sends_nothing_and_changes_nothing():
