@@ -50,6 +50,15 @@ class Decision:
 
 
 @dataclass
+class RoundTiming:
+    """When a round opened and closed (``time.perf_counter``) and how long aggregating it took (s)."""
+
+    opened: float
+    closed: float | None = None
+    aggregate_s: float | None = None  # stored updates decoded, aggregated, aggregate committed
+
+
+@dataclass
 class OpenRound:
     number: int
     deadline: float
@@ -100,6 +109,7 @@ class RoundManager:
         self.finalize_deadline = 0.0
         self.results: set[str] = set()
         self.done = False
+        self.timings: dict[int, RoundTiming] = {}  # rounds this process opened or resumed
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -128,6 +138,7 @@ class RoundManager:
             return out + self._after_close(latest.round_no)
         deadline = latest.deadline.timestamp()
         self.current = OpenRound(number=latest.round_no, deadline=deadline)
+        self.timings[latest.round_no] = RoundTiming(opened=time.perf_counter())
         for update in self.store.accepted_updates(self.task.task_id, latest.round_no):
             self.current.contributors[update.device_id] = update.staleness
         logger.info(
@@ -138,6 +149,7 @@ class RoundManager:
     def _open(self, number: int) -> list[Outbound]:
         deadline = self.clock() + self.schedule.deadline_s
         self.current = OpenRound(number=number, deadline=deadline)
+        self.timings[number] = RoundTiming(opened=time.perf_counter())
         self.store.open_round(self.task.task_id, number, quorum=self.schedule.quorum, deadline=_utc(deadline))
         logger.info(
             "round %d open (quorum %d, deadline in %.0fs)",
@@ -205,12 +217,18 @@ class RoundManager:
         if len(self.current.contributors) >= self.min_updates:
             return self._close("deadline")
         self.current.deadline = now + self.schedule.deadline_s
-        logger.warning("round %d: no updates by the deadline; extended", self.current.number)
+        logger.warning(
+            "round %d: %d of the %d updates it needs by the deadline; extended",
+            self.current.number,
+            len(self.current.contributors),
+            self.min_updates,
+        )
         return [self._announcement()]
 
     def _close(self, closed_by: str) -> list[Outbound]:
         assert self.current is not None
         number = self.current.number
+        started = time.perf_counter()
         stored = sorted(self.store.accepted_updates(self.task.task_id, number), key=lambda u: u.device_id)
         updates = [
             ClientUpdate(
@@ -226,7 +244,17 @@ class RoundManager:
         aggregate = pack_body(body)
         self.store.close_round(self.task.task_id, number, aggregate=aggregate, closed_by=closed_by)
         self.global_body = unpack_body(aggregate)
-        logger.info("round %d closed by %s with %d updates", number, closed_by, len(updates))
+        closed = time.perf_counter()
+        if number in self.timings:
+            self.timings[number].closed = closed
+            self.timings[number].aggregate_s = closed - started
+        logger.info(
+            "round %d closed by %s with %d updates (aggregated in %.0f ms)",
+            number,
+            closed_by,
+            len(updates),
+            (closed - started) * 1e3,
+        )
         return self._after_close(number)
 
     # ----- inbound -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
@@ -52,14 +53,16 @@ class AggregatorService:
         self.reassembler = Reassembler(timeout_s=reassembly_timeout_s, on_expired=self._on_expired)
         # Decoding refuses a body declaring more elements than the model has, before allocating it.
         expected = self.manager.expected
-        self.max_elements = (
-            sum(math.prod(shape) for shape in expected.values()) if expected else MAX_ELEMENTS
-        )
+        self.max_elements = sum(math.prod(shape) for shape in expected.values()) if expected else MAX_ELEMENTS
         self._frames_left: dict[str, int] = {}  # retained chunk frames we published per topic
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.finished = threading.Event()
         self.published_bytes = 0
+        # Seconds per whole update from delivery to its receipt (decoded, checked, committed, acked,
+        # answered), and per round announcement published: what `benchmarks/wire.py` reports.
+        self.ingest_s: list[float] = []
+        self.announce_s: list[float] = []
         self.connection = MqttConnection(
             broker,
             client_id or f"fedmask-aggregator-{fleet}",
@@ -75,9 +78,12 @@ class AggregatorService:
         up, state = self.topics.aggregator_filters(self.shared_group)
         self.connection.subscribe(up, self._on_up)
         self.connection.subscribe(state, self._on_state)
-        self.connection.connect()
+        # Messages the broker queued for our session arrive as soon as we connect: the handlers wait
+        # for this lock until the rounds and devices are loaded from the store and announced.
         with self._lock:
-            self._publish(self.manager.start())
+            outbound = self.manager.start()
+            self.connection.connect()
+            self._publish(outbound)
         self._ticker.start()
         return self
 
@@ -107,6 +113,7 @@ class AggregatorService:
 
     def _publish(self, outbound: list[Outbound]) -> None:
         for item in outbound:
+            started = time.perf_counter()
             plan = publications(
                 item.topic,
                 item.payload,
@@ -119,6 +126,8 @@ class AggregatorService:
             for publication in plan:
                 self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
                 self.published_bytes += len(publication.payload)
+            if item.topic == self.topics.round:
+                self.announce_s.append(time.perf_counter() - started)
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class AggregatorService:
                 self.connection.ack(message)
 
     def _handle_up(self, message: ReceivedMessage) -> None:
+        started = time.perf_counter()
         size = len(message.payload)
         try:
             device = self.topics.parse(message.topic).device
@@ -189,6 +199,7 @@ class AggregatorService:
             self.connection.ack(message)
             return
         outbound: list[Outbound] = []
+        decoded: messages.Message | None = None
         try:
             decoded = messages.decode(
                 payload,
@@ -210,6 +221,9 @@ class AggregatorService:
                 receipt = self._receipt(decision, round_no=0, detail="result")
         # Stored (accepted or rejected) and committed: now the broker may forget the message.
         self.connection.ack(message)
-        self._publish([Outbound(self.topics.down(device), receipt), *outbound])
+        self._publish([Outbound(self.topics.down(device), receipt)])
+        if isinstance(decoded, messages.Update):
+            self.ingest_s.append(time.perf_counter() - started)
+        self._publish(outbound)
         if self.manager.done:
             self.finished.set()

@@ -2,7 +2,7 @@
 """Accuracy benchmark: FedMask against FedAvg, FedAvg + fine-tuning and local training on real data.
 
 Workloads (all offline): HMP wrist accelerometer by volunteer (16 devices, natural partition),
-Fashion-MNIST pathological (100 devices, 2 shards of 300 images each, 10 per round), Shakespeare by
+Fashion-MNIST pathological (100 devices, 2 shards of 300 images each, 20 per round), Shakespeare by
 speaker (speakers with >= 20 speeches). Every method sees the same partition, seed, rounds and local
 epochs; communication is counted from encoded messages.
 
@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.run import run_simulation
 
@@ -37,29 +39,35 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
             "dataset": "fashion_mnist",
             "partition": "shards",
             "devices": 100,
-            "devices_per_round": 10,
-            "rounds": 40,
+            "devices_per_round": 20,
+            "rounds": 10,
             "local_epochs": 2,
             "arch_kwargs": {"width": 0.25},
             "eval_every": 5,
         },
-        {"rounds": 3, "eval_every": 3},
+        # A smaller fleet at the smoke size; shard_size keeps each device's data as at 100 devices.
+        {
+            "rounds": 2,
+            "eval_every": 2,
+            "devices": 10,
+            "devices_per_round": 5,
+            "dataset_kwargs": {"shard_size": 300},
+        },
     ),
     "shakespeare": (
         {
             "dataset": "shakespeare",
             "devices": 50,
             "devices_per_round": 10,
-            "rounds": 20,
+            "rounds": 10,
             "local_epochs": 1,
             "eval_every": 5,
-            "dataset_kwargs": {"max_train_sequences": 200, "max_test_sequences": 50},
+            "dataset_kwargs": {"max_train_per_speaker": 100, "max_test_per_speaker": 30},
         },
         {
-            "devices": 50,
             "rounds": 2,
             "eval_every": 2,
-            "dataset_kwargs": {"max_train_sequences": 40, "max_test_sequences": 20},
+            "dataset_kwargs": {"max_train_per_speaker": 20, "max_test_per_speaker": 10},
         },
     ),
 }
@@ -75,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench-accuracy", help="output directory")
     parser.add_argument("--data-root", help="data sets directory (default ../shared/datasets)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
     out = Path(args.out)

@@ -32,8 +32,8 @@ def workload_table(name: str, workload: dict[str, Any]) -> str:
     """One workload: every method's accuracy, traffic and local cost (per device and round)."""
     title = (
         f"**{name}**: {workload['dataset']} ({workload['partition']}), {workload['devices']} devices, "
-        f"{workload['devices_per_round']} per round, {workload['rounds']} rounds x {workload['local_epochs']} "
-        f"local epochs, {workload['arch']} ({workload['params']:,} parameters)"
+        f"{workload['devices_per_round']} per round, {workload['rounds']} rounds x "
+        f"{workload['local_epochs']} local epochs, {workload['arch']} ({workload['params']:,} parameters)"
     )
     head = "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(COLUMNS)
@@ -57,9 +57,7 @@ def overview_table(document: dict[str, Any]) -> str:
         cells = []
         for w in workloads.values():
             m = w["methods"].get(method)
-            cells.append(
-                "–" if m is None else f"{m['accuracy_mean']:.3f} ({m['uplink_bits_per_param']:.2f})"
-            )
+            cells.append("–" if m is None else f"{m['accuracy_mean']:.3f} ({m['uplink_bits_per_param']:.2f})")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *rows, ""])
 

@@ -19,20 +19,33 @@ import math
 import numpy as np
 import torch
 
-from fedmask.models import MaskedConv1d, MaskedConv2d, MaskedEmbedding, MaskedLinear, MaskedLSTM, MaskedNetwork
+from fedmask.models import (
+    MaskedConv1d,
+    MaskedConv2d,
+    MaskedEmbedding,
+    MaskedLinear,
+    MaskedLSTM,
+    MaskedNetwork,
+)
 
 BACKWARD_FACTOR = 2  # backward ~ two forward-sized products: input gradient and weight gradient
 
 
-def layer_forward_macs(model: MaskedNetwork, input_shape: tuple[int, ...], input_dtype: str) -> dict[str, int]:
+def layer_forward_macs(
+    model: MaskedNetwork, input_shape: tuple[int, ...], input_dtype: str
+) -> dict[str, int]:
     """Forward MACs of one example, per mask-capable layer (in forward order)."""
     outputs: dict[str, tuple[int, ...]] = {}
     handles = [
-        layer.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, tuple(out.shape)))
+        layer.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, tuple(out.shape))
+        )
         for name, layer in model.layers()
     ]
     try:
-        example = torch.zeros((1, *input_shape), dtype=torch.int64 if input_dtype == "int64" else torch.float32)
+        example = torch.zeros(
+            (1, *input_shape), dtype=torch.int64 if input_dtype == "int64" else torch.float32
+        )
         model.eval()
         with torch.no_grad():
             model(example)

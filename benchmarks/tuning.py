@@ -3,8 +3,9 @@
 Each device's training data is split once into a training part and a validation part (``VAL_FRACTION``,
 seeded per device); tuning runs train on the first and score on the second, so no test sample is ever
 seen while choosing. Every method gets the same budget: ``len(LR_FACTORS)`` short runs (the same
-fraction of the benchmark's rounds, the same devices, seeds and local epochs), each with its default
-learning rate times one factor; the best validation accuracy wins, the default on ties.
+fraction of the benchmark's rounds, on the same subset of devices, with the same seeds and local
+epochs), each with its default learning rate times one factor; the best validation accuracy wins, the
+default on ties.
 """
 
 from __future__ import annotations
@@ -45,15 +46,23 @@ DEFAULT_LR = {
 RunMethod = Callable[[SimulationConfig, FederatedDataset, str, dict[str, Any]], Any]
 
 
-def validation_split(data: FederatedDataset, seed: int, fraction: float = VAL_FRACTION) -> FederatedDataset:
-    """The same federation with each device's test set replaced by a slice of its own training data.
+def validation_split(
+    data: FederatedDataset, seed: int, fraction: float = VAL_FRACTION, max_devices: int | None = None
+) -> FederatedDataset:
+    """The federation with each device's test set replaced by a slice of its own training data.
 
-    A device keeps at least one training sample; one with a single sample gets an empty validation set.
+    ``max_devices`` keeps a seeded random subset of the devices (tuning runs are short, and the cost
+    of finalizing every device would dominate them). A device keeps at least one training sample;
+    one with a single sample gets an empty validation set.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    chosen = data.devices
+    if max_devices is not None and max_devices < len(chosen):
+        rng = np.random.default_rng(derive_seed(seed, "tuning-devices"))
+        chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), size=max_devices, replace=False))]
     devices = []
-    for device in data.devices:
+    for device in chosen:
         n = device.num_train
         rng = np.random.default_rng(derive_seed(seed, device.device_id, "validation"))
         order = rng.permutation(n)

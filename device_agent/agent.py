@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,15 @@ class AgentState:
         os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one, never half
 
 
+@dataclass(frozen=True)
+class UpdateTiming:
+    """Where a round's update spent its time on the device (seconds)."""
+
+    train_s: float  # local training and evaluation
+    encode_s: float  # the Update message to bytes
+    publish_s: float  # every frame out, each acknowledged by the broker (PUBACK)
+
+
 class DeviceAgent:
     def __init__(
         self,
@@ -122,7 +132,8 @@ class DeviceAgent:
         self._unconfirmed_lock = threading.Lock()
         self.receipts = 0
         self._stopped = False
-        self.rounds_seen: list[int] = []
+        self.rounds_seen: list[int] = []  # every round announcement processed, in order
+        self.timings: dict[int, UpdateTiming] = {}  # round -> where the time of its update went
         self.task: messages.Task | None = None
         self.spec: TaskSpec | None = None
         self.client: ClientHalf | None = None
@@ -220,6 +231,9 @@ class DeviceAgent:
             logger.info(
                 "%s: resuming task %s after round %d", self.device_id, task.task_id, self.state.last_round
             )
+            if self.state.finalized:  # its personalized model was sent before: nothing left to do
+                logger.info("%s: task %s already finalized", self.device_id, task.task_id)
+                self.finished.set()
         else:
             self.state.task_id, self.state.last_round, self.state.finalized = task.task_id, 0, False
             self.state.client_state = {}
@@ -257,8 +271,10 @@ class DeviceAgent:
     def _train(self, round_no: int) -> None:
         assert self.client is not None and self.task is not None
         with self.train_lock:
+            started = time.perf_counter()
             fit = self.client.fit(self.global_body, round_no)
             evaluation = self.client.evaluate(None)
+            trained = time.perf_counter()
         # The device's own view of its personalized accuracy: lets operators follow a run per round.
         fit.metrics.update(test_accuracy=evaluation.accuracy, num_test=evaluation.num_samples)
         update = messages.Update(
@@ -271,11 +287,23 @@ class DeviceAgent:
             metrics={k: float(v) for k, v in fit.metrics.items()},
             body=fit.body,
         )
-        self._send("update", round_no, messages.encode(update))
+        payload = messages.encode(update)
+        encoded = time.perf_counter()
+        self._send("update", round_no, payload)
+        timing = UpdateTiming(trained - started, encoded - trained, time.perf_counter() - encoded)
+        self.timings[round_no] = timing
         self.state.last_round = round_no
         self.state.client_state = self.client.state_dict()
         self.state.save()
-        logger.info("%s: sent its update for round %d", self.device_id, round_no)
+        logger.info(
+            "%s: sent its update for round %d (%d bytes; train %.0f ms, encode %.1f ms, publish %.1f ms)",
+            self.device_id,
+            round_no,
+            len(payload),
+            timing.train_s * 1e3,
+            timing.encode_s * 1e3,
+            timing.publish_s * 1e3,
+        )
 
     @property
     def receipt_timeout_s(self) -> float:

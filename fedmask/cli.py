@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Alembic announces every plugin it loads at INFO; only its warnings matter to a user.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         resolve(args, command=args.command)
         result = args.handler(args)

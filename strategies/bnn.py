@@ -133,6 +133,7 @@ class BnnClient(ClientHalf):
 class BnnFedAvg(Strategy):
     name = "bnn"
     description = "binarized weights (sign, straight-through); devices upload 1 bit per weight"
+    defaults = DEFAULTS
 
     def server(self, spec: TaskSpec) -> ServerHalf:
         return BnnServer(spec)

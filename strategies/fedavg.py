@@ -26,7 +26,7 @@ from fedmask.strategies.base import (
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import derive_seed, evaluate, train_epochs
 
-DEFAULTS = {"lr": 0.05, "momentum": 0.9, "finetune_epochs": 1, "finetune_lr": 0.01}
+DEFAULTS = {"lr": 0.05, "momentum": 0.9, "finetune_epochs": 5, "finetune_lr": 0.01}
 
 
 def hyper(spec: TaskSpec, key: str):

@@ -34,7 +34,7 @@ DEFAULTS = {
     "sparsity_lambda": 1e-3,  # lambda of the first masked layer
     "sparsity_growth": 2.0,  # lambda_l = sparsity_lambda * growth ** depth
     "mask_rule": "overlap",
-    "finetune_epochs": 2,
+    "finetune_epochs": 5,
     "finetune_lr": 1e-3,
 }
 
@@ -112,6 +112,8 @@ class FedMaskClient(ClientHalf):
         return evaluate(self.model, self.data.x_test, self.data.y_test)
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
+        # The last aggregate is the fleet's latest consensus; a device that trained rarely gains most.
+        self._merge(global_body)
         mask = self.model.get_mask()
         self.model.start_finetune()
         epochs = int(_hyper(self.spec, "finetune_epochs"))

@@ -54,8 +54,9 @@ DEFAULTS = {
     "prior": 1.0,  # Beta(prior, prior); 1 is flat, so the posterior mode is the mean of masks
     "reset_every": 1,
     "prob_clip": 0.01,
-    "init_prob": None,  # None: sigmoid(MaskConfig.score_init), the network FedMask starts from
 }
+# ``init_prob`` (round 1's keep probability) has no default: sigmoid(MaskConfig.score_init), the network
+# FedMask starts from.
 
 
 def _hyper(spec: TaskSpec, key: str):
@@ -135,7 +136,7 @@ class FedPMClient(ClientHalf):
         self.clip = float(_hyper(spec, "prob_clip"))
         if not 0.0 < self.clip < 0.5:
             raise ValueError(f"fedpm: prob_clip must be in (0, 0.5), got {self.clip}")
-        init_prob = _hyper(spec, "init_prob")
+        init_prob = spec.hyper.get("init_prob")
         if init_prob is None:
             init_prob = 1.0 / (1.0 + np.exp(-self.model.mask_config.score_init))
         self._start_from(np.full(self.model.num_mask_bits, float(init_prob)))
@@ -186,6 +187,7 @@ class FedPMClient(ClientHalf):
 class FedPM(Strategy):
     name = "fedpm"
     description = "FedPM: one global probability mask from Bernoulli-sampled device masks (not personalized)"
+    defaults = DEFAULTS
 
     def server(self, spec: TaskSpec) -> ServerHalf:
         return FedPMServer(spec)

@@ -19,9 +19,7 @@ import numpy as np
 
 from fedmask.models import MaskedNetwork, WeightMode
 from fedmask.strategies.base import (
-    Body,
     ClientHalf,
-    ClientUpdate,
     DecodedBody,
     Evaluation,
     FinalModel,
@@ -30,16 +28,17 @@ from fedmask.strategies.base import (
     Strategy,
     TaskSpec,
 )
-from fedmask.strategies.fedavg import hyper as fedavg_hyper
-from fedmask.strategies.fedavg import sgd, weights_body
+from fedmask.strategies.fedavg import DEFAULTS as FEDAVG_DEFAULTS
+from fedmask.strategies.fedavg import FedAvgServer, sgd, weights_body
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import derive_seed, evaluate, train_epochs
 
-DEFAULTS = {"global_layers": 2}
+# The optimizer is FedAvg's (SGD with momentum).
+DEFAULTS = {"lr": FEDAVG_DEFAULTS["lr"], "momentum": FEDAVG_DEFAULTS["momentum"], "global_layers": 2}
 
 
 def _hyper(spec: TaskSpec, key: str):
-    return spec.hyper.get(key, DEFAULTS.get(key, fedavg_hyper(spec, key)))
+    return spec.hyper.get(key, DEFAULTS.get(key, spec.h(key)))
 
 
 def global_layer_names(model: MaskedNetwork, split: int | list[str] | tuple[str, ...]) -> list[str]:
@@ -69,35 +68,18 @@ def global_tensor_names(model: MaskedNetwork, split) -> list[str]:
     return [layer.key(t) for name, layer in model.layers() if name in chosen for t in layer.trainable()]
 
 
-class LgFedAvgServer(ServerHalf):
-    def __init__(self, spec: TaskSpec) -> None:
-        super().__init__(spec)
-        model = build_for(spec, WeightMode.DENSE)
-        weights = model.get_weights()
-        self.shapes = {name: weights[name].shape for name in global_tensor_names(model, _split(spec))}
-
-    def initial_body(self) -> Body | None:
-        return None  # devices derive identical initial weights from the task seed
-
-    def expected_update(self) -> dict[str, tuple[int, ...]]:
-        return dict(self.shapes)
-
-    def aggregate(self, updates: list[ClientUpdate], round_no: int) -> Body:
-        factors = np.array([u.weight * u.num_samples for u in updates], dtype=np.float64)
-        factors /= factors.sum()
-        return weights_body(
-            {
-                name: sum(f * u.body[name].astype(np.float64) for f, u in zip(factors, updates)).astype(
-                    np.float32
-                )
-                for name in self.shapes
-            }
-        )
-
-
-def _split(spec: TaskSpec):
+def _split(spec: TaskSpec) -> int | list[str]:
     split = _hyper(spec, "global_layers")
     return list(split) if isinstance(split, tuple) else split
+
+
+class LgFedAvgServer(FedAvgServer):
+    """FedAvg's sample- and staleness-weighted mean, over the global layers only."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        super().__init__(spec)
+        shared = global_tensor_names(build_for(spec, WeightMode.DENSE), _split(spec))
+        self.shapes = {name: self.shapes[name] for name in shared}
 
 
 class LgFedAvgClient(ClientHalf):
@@ -153,6 +135,7 @@ class LgFedAvgClient(ClientHalf):
 class LgFedAvg(Strategy):
     name = "lgfedavg"
     description = "LG-FedAvg: representation layers stay on the device, the head is averaged"
+    defaults = DEFAULTS
 
     def server(self, spec: TaskSpec) -> ServerHalf:
         return LgFedAvgServer(spec)

@@ -112,7 +112,8 @@ def meta_step(
         for p, s in zip(params, start):
             p.copy_(s)
     if variant == "hf":
-        outer = [o - alpha * hv for o, hv in zip(outer, hessian_vector(model, params, batches[2], outer, delta))]
+        curvature = hessian_vector(model, params, batches[2], outer, delta)
+        outer = [o - alpha * hv for o, hv in zip(outer, curvature)]
     _add_(params, outer, -beta)
     return float(loss.detach())
 
@@ -210,6 +211,7 @@ class PerFedAvgClient(ClientHalf):
 class PerFedAvg(Strategy):
     name = "perfedavg"
     description = "Per-FedAvg, first-order: FedAvg on the MAML objective, one local step before testing"
+    defaults = DEFAULTS
     variant = "fo"
 
     def server(self, spec: TaskSpec) -> ServerHalf:

@@ -39,31 +39,42 @@ from fedmask.strategies.base import (
     Strategy,
     TaskSpec,
 )
-from fedmask.strategies.fedavg import hyper as fedavg_hyper
+from fedmask.strategies.fedavg import DEFAULTS as FEDAVG_DEFAULTS
 from fedmask.strategies.fedavg import sgd, weights_body
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import derive_seed, evaluate, train_epochs
 
-DEFAULTS = {"topk_density": 0.01, "k_search_tolerance": 0.02, "k_search_steps": 8}
+# The optimizer is FedAvg's (SGD with momentum); ``k`` and ``target_bits_per_param`` have no default.
+DEFAULTS = {
+    "lr": FEDAVG_DEFAULTS["lr"],
+    "momentum": FEDAVG_DEFAULTS["momentum"],
+    "topk_density": 0.01,
+    "k_search_tolerance": 0.02,
+    "k_search_steps": 8,
+}
 
 RESIDUAL_PREFIX = "residual/"
 
 
 def _hyper(spec: TaskSpec, key: str):
-    return spec.hyper.get(key, DEFAULTS.get(key, fedavg_hyper(spec, key)))
+    return spec.hyper.get(key, DEFAULTS.get(key, spec.h(key)))
+
+
+def magnitude_order(flat: np.ndarray) -> np.ndarray:
+    """Positions by decreasing magnitude; the stable sort breaks ties by position, the same everywhere."""
+    return np.argsort(-np.abs(flat), kind="stable")
+
+
+def first_k(order: np.ndarray, k: int) -> np.ndarray:
+    """Boolean selector of the first ``k`` positions of ``order`` (clamped to [0, len(order)])."""
+    chosen = np.zeros(order.size, dtype=bool)
+    chosen[order[: max(0, min(int(k), order.size))]] = True
+    return chosen
 
 
 def top_k_selection(flat: np.ndarray, k: int) -> np.ndarray:
     """Boolean selector of the ``k`` largest-magnitude entries of a flat array (ties: lowest index)."""
-    n = flat.size
-    k = max(0, min(int(k), n))
-    chosen = np.zeros(n, dtype=bool)
-    if k == n:
-        chosen[:] = True
-    elif k > 0:
-        # A stable sort on -|x| breaks ties by position, so the choice is reproducible everywhere.
-        chosen[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
-    return chosen
+    return first_k(magnitude_order(flat), k)
 
 
 def split_update(
@@ -91,32 +102,32 @@ def encoded_bits(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def k_for_target_bits(
-    accumulated: Mapping[str, np.ndarray], target_bits_per_param: float, *, tolerance: float, max_steps: int
+    accumulated: Mapping[str, np.ndarray],
+    target_bits_per_param: float,
+    *,
+    tolerance: float,
+    max_steps: int,
+    order: np.ndarray | None = None,
 ) -> int:
     """The k whose coded top-k update costs about ``target_bits_per_param`` bits per parameter.
 
     Starts from 48 bits per kept entry (32-bit value + a position varint of ~2 bytes) and corrects
     k in proportion to the measured size, which converges in a few steps because the cost per entry
-    changes only slowly with k. Returns the best k measured (closest to the target).
+    changes only slowly with k. Returns the best k measured (closest to the target). ``order`` is
+    :func:`magnitude_order` of the flattened update, if the caller already has it.
     """
-    flat = np.concatenate([a.reshape(-1) for a in accumulated.values()])
-    n = flat.size
+    n = sum(a.size for a in accumulated.values())
     if n == 0:
         return 0
+    if order is None:
+        order = magnitude_order(np.concatenate([a.reshape(-1) for a in accumulated.values()]))
     target = target_bits_per_param * n
-    order = np.argsort(-np.abs(flat), kind="stable")
-
-    def bits_for(k: int) -> int:
-        chosen = np.zeros(n, dtype=bool)
-        chosen[order[:k]] = True
-        return encoded_bits(split_update(accumulated, chosen)[0])
-
     k = min(n, max(1, round(target / 48)))
     best_k, best_gap = k, math.inf
     tried: set[int] = set()
     for _ in range(max_steps):
         tried.add(k)
-        bits = bits_for(k)
+        bits = encoded_bits(split_update(accumulated, first_k(order, k))[0])
         gap = abs(bits - target)
         if gap < best_gap:
             best_k, best_gap = k, gap
@@ -182,9 +193,9 @@ class TopKClient(ClientHalf):
         if global_body:
             self.model.set_weights(global_body)
 
-    def choose_k(self, accumulated: Mapping[str, np.ndarray]) -> int:
+    def choose_k(self, accumulated: Mapping[str, np.ndarray], order: np.ndarray) -> int:
         """How many entries this update sends (see the module docstring for the precedence)."""
-        n = sum(a.size for a in accumulated.values())
+        n = order.size
         rule, value = self.k_rule
         if rule == "k":
             return min(n, int(value))
@@ -194,6 +205,7 @@ class TopKClient(ClientHalf):
                 value,
                 tolerance=float(_hyper(self.spec, "k_search_tolerance")),
                 max_steps=int(_hyper(self.spec, "k_search_steps")),
+                order=order,
             )
         return min(n, max(1, round(value * n)))
 
@@ -211,10 +223,10 @@ class TopKClient(ClientHalf):
         )
         trained = self.model.get_weights()
         accumulated = {name: self.residual[name] + (trained[name] - start[name]) for name in start}
-        k = self.choose_k(accumulated)
-        flat = np.concatenate([a.reshape(-1) for a in accumulated.values()])
-        sent, self.residual = split_update(accumulated, top_k_selection(flat, k))
-        metrics["sent_fraction"] = k / flat.size if flat.size else 0.0
+        order = magnitude_order(np.concatenate([a.reshape(-1) for a in accumulated.values()]))
+        k = self.choose_k(accumulated, order)
+        sent, self.residual = split_update(accumulated, first_k(order, k))
+        metrics["sent_fraction"] = k / order.size if order.size else 0.0
         return FitResult(
             body={name: Coded(value, "topk") for name, value in sent.items()},
             num_samples=len(self.data.y_train),
@@ -248,6 +260,7 @@ class TopKClient(ClientHalf):
 class TopK(Strategy):
     name = "topk"
     description = "FedAvg whose uplink carries only the k largest update entries, with error feedback"
+    defaults = DEFAULTS
 
     def server(self, spec: TaskSpec) -> ServerHalf:
         return TopKServer(spec)

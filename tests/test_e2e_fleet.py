@@ -26,7 +26,7 @@ from fedmask.datasets.federated import FederatedDataset
 from fedmask.device_agent.agent import DeviceAgent, spec_from_task
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import wire_size
-from fedmask.protocol.topics import Topics
+from fedmask.protocol.topics import Topics, chunk_filter
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.inproc import InProcessRun
 from fedmask.storage import Store
@@ -55,7 +55,9 @@ def _collect(probe: MqttProbe) -> list[tuple[str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def fleet_run(hmp_fleet: FederatedDataset, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRun]:
+def fleet_run(
+    hmp_fleet: FederatedDataset, tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
+) -> Iterator[FleetRun]:
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
     tmp = tmp_path_factory.mktemp("fleet")
@@ -80,7 +82,7 @@ def fleet_run(hmp_fleet: FederatedDataset, tmp_path_factory: pytest.TempPathFact
         round_probe = MqttProbe(broker.host, broker.port)
         round_probe.connect()
         round_probe.subscribe(topics.round)
-        round_probe.subscribe(f"{topics.round}/chunk/+")
+        round_probe.subscribe(chunk_filter(topics.round))
         agents = [
             DeviceAgent(
                 broker.url,
@@ -162,7 +164,6 @@ def test_personalized_accuracy_is_well_above_chance(fleet_run: FleetRun) -> None
     tested = sum(by_device[m.device_id].num_test for m in models)
     # The TFLite interpreter's accuracy on each device's own test windows (split by recording).
     mean = sum(m.accuracy * by_device[m.device_id].num_test for m in models) / tested
-    print(f"personalized TFLite accuracy {mean:.3f}:", {m.device_id: round(m.accuracy, 3) for m in models})
     assert mean > 4 * chance, f"sample-weighted accuracy {mean:.3f}, chance {chance:.3f}"
     assert all(m.accuracy > chance for m in models), [(m.device_id, m.accuracy) for m in models]
 
