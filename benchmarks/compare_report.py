@@ -44,12 +44,18 @@ def workload_table(name: str, workload: dict[str, Any]) -> str:
     return "\n".join([title, "", head, rule, *rows, ""])
 
 
+def _methods(document: dict[str, Any]) -> list[str]:
+    """Every method of any workload, in first-seen order."""
+    methods: list[str] = []
+    for w in document["workloads"].values():
+        methods += [m for m in w["methods"] if m not in methods]
+    return methods
+
+
 def overview_table(document: dict[str, Any]) -> str:
     """The paper's layout: one row per method, per workload "accuracy (uplink bits per parameter)"."""
     workloads = document["workloads"]
-    methods: list[str] = []
-    for w in workloads.values():
-        methods += [m for m in w["methods"] if m not in methods]
+    methods = _methods(document)
     head = "| method | " + " | ".join(f"{name} acc (up bits/param)" for name in workloads) + " |"
     rule = "|---|" + "---:|" * len(workloads)
     rows = []
@@ -83,23 +89,33 @@ def _pyplot():
 
 
 def plot_accuracy_vs_traffic(document: dict[str, Any], path: Path) -> Path:
-    """Per workload: accuracy at each evaluated round against the fleet's cumulative traffic (log x)."""
+    """Per workload: accuracy at each evaluated round against the fleet's cumulative traffic (log x).
+
+    Lines are the per-round evaluations; the star at the end of each line is the final accuracy after
+    finalization (fine-tuning, adaptation), the number in the tables.
+    """
     plt = _pyplot()
     workloads = document["workloads"]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.4), squeeze=False)
+    colors = {method: f"C{i % 10}" for i, method in enumerate(_methods(document))}
+    handles: dict[str, Any] = {}
     for ax, (name, w) in zip(axes[0], workloads.items()):
         for method, m in w["methods"].items():
             points = [(c, a) for c, a in zip(m["cumulative_bytes"], m["round_accuracy"]) if a is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot([x / 1e6 for x in xs], ys, marker="o", markersize=3, label=method)
+                ax.plot([max(1, x) / 1e6 for x in xs], ys, marker="o", markersize=3, color=colors[method])
+            total = max(1, m["cumulative_bytes"][-1]) if m["cumulative_bytes"] else 1
+            handles[method] = ax.scatter(
+                [total / 1e6], [m["accuracy_mean"]], marker="*", s=90, color=colors[method], zorder=3
+            )
         ax.set_xscale("log")
         ax.set_xlabel("cumulative traffic, uplink + downlink (MB, log)")
         ax.set_ylabel("personalized test accuracy")
-        ax.set_title(f"{name} ({w['partition']})")
+        ax.set_title(f"{name} ({w['partition']}); star: final")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -114,7 +130,7 @@ def plot_device_accuracy(document: dict[str, Any], path: Path) -> Path:
         labels = list(w["methods"])
         ax.boxplot([w["methods"][m]["device_accuracy"] for m in labels], showmeans=True)
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right")
-        ax.set_ylabel("final test accuracy per device")
+        ax.set_ylabel("final test accuracy per device (triangle: mean)")
         ax.set_title(f"{name}: {w['devices']} devices")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fedmask.models import WeightMode, sparsity_loss
+from fedmask.models.sparsity import decoupled_sparsity_step
 from fedmask.protocol.tensor_codec import Coded
 from fedmask.strategies.base import (
     Body,
@@ -31,8 +32,11 @@ from fedmask.strategies.training import derive_seed, evaluate, train_epochs
 
 DEFAULTS = {
     "lr": 0.1,  # Adam on scores; scores live on a much larger scale than weights
-    "sparsity_lambda": 1e-3,  # lambda of the first masked layer
+    "sparsity_lambda": 0.02,  # lambda of the first masked layer
     "sparsity_growth": 2.0,  # lambda_l = sparsity_lambda * growth ** depth
+    # "decoupled": the penalty's pull is applied after each Adam step at a fixed rate (see
+    # models.sparsity.decoupled_sparsity_step); "loss": added to the loss as in the paper's formulation.
+    "sparsity_mode": "decoupled",
     "mask_rule": "overlap",
     "finetune_epochs": 5,
     "finetune_lr": 1e-3,
@@ -90,8 +94,11 @@ class FedMaskClient(ClientHalf):
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
         self._merge(global_body)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=_hyper(self.spec, "lr"))
+        lr = _hyper(self.spec, "lr")
+        optimizer = torch.optim.Adam(params, lr=lr)
         torch.manual_seed(derive_seed(self.device_seed, round_no, "sampling"))
+        decoupled = _hyper(self.spec, "sparsity_mode") == "decoupled"
+        lam, growth = _hyper(self.spec, "sparsity_lambda"), _hyper(self.spec, "sparsity_growth")
         metrics = train_epochs(
             self.model,
             self.data.x_train,
@@ -100,7 +107,8 @@ class FedMaskClient(ClientHalf):
             batch_size=int(self.spec.h("batch_size")),
             optimizer=optimizer,
             seed=derive_seed(self.device_seed, round_no),
-            extra_loss=self._sparsity,
+            extra_loss=None if decoupled else self._sparsity,
+            after_step=(lambda: decoupled_sparsity_step(self.model, lam, growth, lr)) if decoupled else None,
         )
         mask = self.model.get_mask()
         metrics["density"] = float(mask.mean()) if mask.size else 1.0

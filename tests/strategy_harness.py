@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import torch
 
-from fedmask.datasets.federated import DeviceData
+from fedmask.datasets.federated import DeviceData, FederatedDataset
 from fedmask.protocol.tensor_codec import decode_body, encode_body
 from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
 from fedmask.strategies.base import Body, DecodedBody
@@ -57,6 +57,18 @@ def tiny_devices(train_per_device: int = 40, test_per_device: int = 20, seed: in
         x_test, y_test = samples(classes, test_per_device)
         devices.append(DeviceData(f"dev{k}", x_train, y_train, x_test, y_test, num_classes=NUM_CLASSES))
     return devices
+
+
+def tiny_federation(train_per_device: int = 40) -> FederatedDataset:
+    """The tiny devices as a federation, for the simulator's transports."""
+    return FederatedDataset(
+        name="tiny",
+        partition="pathological",
+        num_classes=NUM_CLASSES,
+        input_shape=(3, WINDOW),
+        input_dtype=np.float32,
+        devices=tiny_devices(train_per_device=train_per_device),
+    )
 
 
 def tiny_spec(strategy: str, **hyper) -> TaskSpec:

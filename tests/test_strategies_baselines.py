@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategy_harness import NUM_CLASSES, WINDOW, run_federation, tiny_devices, tiny_spec, torch_threads, wire
+from strategy_harness import run_federation, tiny_devices, tiny_federation, tiny_spec, torch_threads, wire
 
-from fedmask.datasets.federated import FederatedDataset
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.inproc import InProcessRun
 from fedmask.strategies import ClientUpdate, get_strategy, registry
@@ -69,14 +68,7 @@ def test_device_state_survives_a_restart_through_an_npz_file(devices, name, tmp_
 
 
 def test_every_baseline_runs_in_the_in_process_simulator(devices):
-    data = FederatedDataset(
-        name="tiny",
-        partition="pathological",
-        num_classes=NUM_CLASSES,
-        input_shape=(3, WINDOW),
-        input_dtype=np.float32,
-        devices=devices,
-    )
+    data = tiny_federation(train_per_device=80)
     config = SimulationConfig(dataset="tiny", rounds=2, devices_per_round=3, eval_every=1)
     results = {}
     for name, hyper in TINY_HYPER.items():

@@ -6,13 +6,12 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from strategy_harness import NUM_CLASSES, WINDOW, tiny_devices, tiny_spec, torch_threads
+from strategy_harness import WINDOW, tiny_federation, tiny_spec, torch_threads
 
-from fedmask.datasets.federated import FederatedDataset
 from fedmask.models import WeightMode, build_model
 from fedmask.simulator.config import SimulationConfig
+from fedmask.strategies import TaskSpec, registry
 from fedmask.strategies.model_factory import build_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -26,17 +25,6 @@ import tuning
 def _one_torch_thread():
     with torch_threads(1):
         yield
-
-
-def tiny_federation() -> FederatedDataset:
-    return FederatedDataset(
-        name="tiny",
-        partition="pathological",
-        num_classes=NUM_CLASSES,
-        input_shape=(3, WINDOW),
-        input_dtype=np.float32,
-        devices=tiny_devices(train_per_device=41),
-    )
 
 
 def test_har_cnn_macs_follow_its_layer_shapes():
@@ -64,7 +52,7 @@ def test_lstm_macs_count_every_time_step_and_no_embedding_products():
 
 
 def test_validation_split_carves_held_out_data_from_train_only():
-    data = tiny_federation()
+    data = tiny_federation(train_per_device=41)
     split = tuning.validation_split(data, seed=0)
     for before, after in zip(data.devices, split.devices):
         held = math.ceil(0.2 * before.num_train)
@@ -79,13 +67,13 @@ def test_validation_split_carves_held_out_data_from_train_only():
 
 
 def test_grid_centres_are_the_strategies_own_defaults():
-    from fedmask.strategies import bnn, fedavg, fedmask, fedpm, perfedavg
-
-    own = {"fedmask": fedmask.DEFAULTS["lr"], "bnn": bnn.DEFAULTS["lr"], "fedpm": fedpm.DEFAULTS["lr"]}
-    own |= {"perfedavg": perfedavg.DEFAULTS["lr"], "perfedavg_hf": perfedavg.DEFAULTS["lr"]}
-    own |= dict.fromkeys(("fedavg", "fedavg_ft", "local", "topk", "lgfedavg"), fedavg.DEFAULTS["lr"])
-    assert own == tuning.DEFAULT_LR
-    assert all(len(tuning.learning_rate_grid(m)) == 3 for m in own)
+    # ``local`` declares no defaults of its own yet (it trains with FedAvg's); the others say theirs.
+    strategies = registry()
+    for method, lr in tuning.DEFAULT_LR.items():
+        source = "fedavg" if method == "local" else method
+        spec = TaskSpec(strategy=source, arch="har_cnn", num_classes=4)
+        assert strategies[source].effective_hyper(spec)["lr"] == lr, method
+        assert len(tuning.learning_rate_grid(method)) == 3
 
 
 def test_tuning_picks_the_best_validation_accuracy_and_the_default_on_ties():
@@ -115,7 +103,7 @@ def test_tuning_picks_the_best_validation_accuracy_and_the_default_on_ties():
 
 
 def test_linked_settings_and_costs_in_a_real_run():
-    data = tiny_federation()
+    data = tiny_federation(train_per_device=41)
     config = SimulationConfig(
         dataset="tiny",
         rounds=2,

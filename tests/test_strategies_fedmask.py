@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedmask.protocol.tensor_codec import decode_body, encode_body
 from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
@@ -71,3 +72,39 @@ def test_server_counts_weighted_masks():
     assert body["mask"].all()
     updates[0].weight = 0.5
     assert not _decoded(server.aggregate(updates, round_no=1))["mask"].any()
+
+
+def test_decoupled_sparsity_step_pulls_each_layer_at_its_depth_rate():
+    from fedmask.models import WeightMode, build_model
+    from fedmask.models.sparsity import decoupled_sparsity_step, layer_lambdas
+
+    model = build_model("har_cnn", seed=0, num_classes=4)
+    model.set_mode(WeightMode.MASK)
+    before = {
+        name: torch.cat([s.detach().reshape(-1) for s in layer.scores.values()])
+        for name, layer in model.layers()
+    }
+    decoupled_sparsity_step(model, base_lambda=0.01, growth=2.0, lr=0.1)
+    lambdas = layer_lambdas(model, 0.01, 2.0)
+    for name, layer in model.layers():
+        after = torch.cat([s.detach().reshape(-1) for s in layer.scores.values()])
+        sig = torch.sigmoid(before[name])
+        assert torch.allclose(before[name] - after, 0.1 * lambdas[name] * sig * (1 - sig), atol=1e-6)
+    assert list(lambdas.values()) == sorted(lambdas.values())  # deeper layers are pulled harder
+
+
+def test_a_one_class_device_keeps_a_live_network():
+    """Regression: with the penalty inside Adam, a device whose task loss reached zero pruned whole layers
+    to nothing within two rounds and its model answered every input with all-zero logits."""
+    from fedmask.datasets.federated import DeviceData
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 3, 128)).astype(np.float32)
+    data = DeviceData("solo", x[:192], np.full(192, 3), x[192:], np.full(64, 3))
+    spec = TaskSpec(strategy="fedmask", arch="har_cnn", num_classes=6, hyper={"local_epochs": 3})
+    client = get_strategy("fedmask").client(spec, data)
+    for round_no in (1, 2, 3):
+        client.fit(None, round_no)
+    densities = client.model.layer_densities()
+    assert min(densities.values()) > 0.05, densities
+    assert client.evaluate(None).accuracy == 1.0
