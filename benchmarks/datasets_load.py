@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from fedmask.datasets import hmp, idx
 from fedmask.datasets.workloads import FASHION_MNIST_SYSTEM, default_data_root, load_workload
 

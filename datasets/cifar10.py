@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import CentralSplit
 

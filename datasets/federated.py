@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 
 DEVICE_FILE_VERSION = 1

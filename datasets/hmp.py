@@ -31,6 +31,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import DeviceData, FederatedDataset
 from fedmask.datasets.parse_cache import ParseCache, content_key

@@ -17,6 +17,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import CentralSplit
 from fedmask.datasets.parse_cache import ParseCache, content_key

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import DeviceData, FederatedDataset, unique_device_ids
 from fedmask.datasets.shakespeare import SEQ_LEN, VOCAB_SIZE, encode, vocabulary_meta

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from fedmask.datasets import partition as part
 from fedmask.datasets.federated import CentralSplit, DeviceData, FederatedDataset, to_unit_float
 

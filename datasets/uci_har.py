@@ -20,6 +20,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import DeviceData, FederatedDataset
 

@@ -30,8 +30,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fedmask.models.weights import kaiming_uniform, signed_constant
 from torch import nn
+
+from fedmask.models.weights import kaiming_uniform, signed_constant
 
 RELU_GAIN = math.sqrt(2.0)
 

@@ -16,8 +16,9 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 import torch
-from fedmask.models.layers import MaskConfig, MaskedLayer, WeightMode, WeightSpec
 from torch import nn
+
+from fedmask.models.layers import MaskConfig, MaskedLayer, WeightMode, WeightSpec
 
 logger = logging.getLogger(__name__)
 

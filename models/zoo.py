@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from fedmask.models.layers import (
     MaskConfig,
     MaskedConv1d,
@@ -24,7 +26,6 @@ from fedmask.models.layers import (
     MaskedLSTM,
 )
 from fedmask.models.network import MaskedNetwork
-from torch import nn
 
 
 def scaled(channels: int, width: float) -> int:

@@ -10,10 +10,11 @@ has arrived, a refused message that had been let through would already be there.
 from __future__ import annotations
 
 import pytest
-from fedmask.broker_config.credentials import Credentials
 from fixtures.broker import AGGREGATOR, MQTT_V5, MQTT_V311, wait_until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+
+from fedmask.broker_config.credentials import Credentials
 
 pytestmark = pytest.mark.broker
 

@@ -10,12 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from fixtures.broker import Endpoint, wait_until
+
 from fedmask.broker_config.binaries import find_mosquitto
 from fedmask.broker_config.credentials import Credentials, read_credentials
 from fedmask.broker_config.embedded import free_loopback_port, wait_until_listening
 from fedmask.broker_config.passwords import read_password_file, verify_password
-from fixtures.broker import Endpoint, wait_until
-
 from fedmask.cli import main
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")

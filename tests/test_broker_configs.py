@@ -8,6 +8,7 @@ import string
 from pathlib import Path
 
 import pytest
+
 from fedmask.broker_config import configs
 from fedmask.broker_config.configs import (
     ConfigFileError,

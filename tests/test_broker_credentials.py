@@ -7,6 +7,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fixtures.broker import BrokerHandle, wait_until
+
 from fedmask.broker_config.binaries import find_mosquitto, find_mosquitto_passwd
 from fedmask.broker_config.credentials import (
     Credentials,
@@ -16,7 +18,6 @@ from fedmask.broker_config.credentials import (
 )
 from fedmask.broker_config.embedded import EmbeddedBroker
 from fedmask.broker_config.passwords import read_password_file, verify_password
-from fixtures.broker import BrokerHandle, wait_until
 
 pytestmark = [
     pytest.mark.broker,

@@ -6,10 +6,11 @@ import socket
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from fixtures.broker import AGGREGATOR, MQTT_V5, MQTT_V311, BrokerHandle
+
 from fedmask.broker_config.binaries import BrokerUnavailableError, find_mosquitto
 from fedmask.broker_config.credentials import Credentials
 from fedmask.broker_config.embedded import BrokerStartError, EmbeddedBroker
-from fixtures.broker import AGGREGATOR, MQTT_V5, MQTT_V311, BrokerHandle
 
 pytestmark = pytest.mark.broker
 

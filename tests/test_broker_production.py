@@ -13,13 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fixtures.broker import Endpoint, MqttProbe
+
 from fedmask.broker_config import configs
 from fedmask.broker_config.binaries import find_mosquitto
 from fedmask.broker_config.configs import current_user, remap_listeners, set_options
 from fedmask.broker_config.credentials import Credentials
 from fedmask.broker_config.embedded import MosquittoProcess, free_loopback_port, wait_until_listening
 from fedmask.broker_config.passwords import hash_password, write_password_file
-from fixtures.broker import Endpoint, MqttProbe
 
 pytestmark = [
     pytest.mark.broker,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import cifar_batch_bytes, write_cifar_tree
+
 from fedmask.datasets.cifar10 import batch_arrays, label_names, load_cifar10, read_batch
 from fedmask.datasets.errors import DatasetError
-from fixtures.dataset_files import cifar_batch_bytes, write_cifar_tree
 
 
 def test_batches_load_exactly_as_written(tmp_path: Path) -> None:

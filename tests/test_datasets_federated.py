@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import (
     DeviceData,

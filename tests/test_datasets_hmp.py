@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import write_hmp_recording
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.hmp import (
     ACTIVITIES,
@@ -16,7 +18,6 @@ from fedmask.datasets.hmp import (
     split_recordings,
     window_samples,
 )
-from fixtures.dataset_files import write_hmp_recording
 
 
 def codes(rng: np.random.Generator, n: int) -> np.ndarray:

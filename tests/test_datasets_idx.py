@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import idx_bytes, write_idx, write_mnist_tree
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.idx import load_idx, parse_idx, read_idx
-from fixtures.dataset_files import idx_bytes, write_idx, write_mnist_tree
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "raw"])

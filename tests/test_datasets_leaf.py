@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import write_leaf_json
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.leaf import load_leaf
 from fedmask.datasets.shakespeare import decode
-from fixtures.dataset_files import write_leaf_json
 
 
 def femnist_user(rng: np.random.Generator, n: int) -> tuple[list[list[float]], list[int]]:

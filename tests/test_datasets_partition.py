@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedmask.datasets.partition import (
     dirichlet,
     iid,
@@ -12,8 +15,6 @@ from fedmask.datasets.partition import (
     natural,
     shards,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def balanced_labels(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:

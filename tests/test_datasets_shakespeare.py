@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import write_play
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.shakespeare import (
     LEAF_LETTERS,
@@ -18,7 +20,6 @@ from fedmask.datasets.shakespeare import (
     next_char_samples,
     parse_speeches,
 )
-from fixtures.dataset_files import write_play
 
 
 def random_line(rng: np.random.Generator, words: int) -> str:

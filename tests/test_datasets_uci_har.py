@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import write_uci_har_tree
+
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.uci_har import load_uci_har, read_split, split_subject_windows
-from fixtures.dataset_files import write_uci_har_tree
 
 # Subjects 1 and 3 in the official train split, 2 in test; (activity 1..6, windows) bouts in order.
 BOUTS = {

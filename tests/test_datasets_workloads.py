@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.dataset_files import write_cifar_tree, write_leaf_json, write_mnist_tree
+
+from fedmask.cli import main
 from fedmask.datasets.errors import DatasetError
 from fedmask.datasets.federated import load_device
 from fedmask.datasets.partition import largest_remainder
 from fedmask.datasets.workloads import WORKLOADS, default_data_root, load_workload
-from fixtures.dataset_files import write_cifar_tree, write_leaf_json, write_mnist_tree
-
-from fedmask.cli import main
 
 
 def test_registry_names_the_model_zoo_architecture_for_each_workload() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fedmask.models import (
     MaskConfig,
     MaskedConv1d,

@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from fedmask.models import (
     ARCHITECTURES,
     LastStepLSTM,
@@ -17,7 +19,6 @@ from fedmask.models import (
     sparsity_loss,
     weights_digest,
 )
-from torch import nn
 
 # CPU-friendly variants; the full-size models are checked for their size only.
 SMALL = {"femnist_cnn": {"width": 0.25}, "conv4": {"width": 0.25}, "conv6": {"width": 0.25}}
