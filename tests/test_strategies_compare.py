@@ -137,6 +137,22 @@ def test_linked_settings_and_costs_in_a_real_run():
     assert len(methods["fedmask"]["cumulative_bytes"]) == 2
 
 
+def test_workload_settings_layer_the_accuracy_benchmark_and_ours(tmp_path):
+    args = compare.parse_args(["--out", str(tmp_path), "--methods", "fedmask,topk"])
+    for quick in (False, True):
+        base, quick_overrides = compare.WORKLOADS["fashion_mnist"]
+        ours = (compare.QUICK_SIZE if quick else compare.DEFAULT_SIZE)["fashion_mnist"]
+        config = compare.workload_config("fashion_mnist", quick, args)
+        expected_rounds = quick_overrides.get("rounds", base["rounds"]) if quick else base["rounds"]
+        assert config.rounds == ours.get("rounds", expected_rounds)
+        assert config.local_epochs == base["local_epochs"]
+        assert config.dataset_kwargs["shard_size"] == ours["dataset_kwargs"]["shard_size"]
+        assert config.strategies == ["fedmask", "topk"]
+        assert config.output_dir == tmp_path / "fashion_mnist"
+    assert args.tune_devices == compare.TUNE_DEVICES["default"]
+    assert compare.parse_args(["--quick"]).tune_devices == compare.TUNE_DEVICES["quick"]
+
+
 def test_report_writes_tables_and_plots(tmp_path):
     method = {
         "accuracy_mean": 0.8,
