@@ -35,7 +35,7 @@ import torch
 from accuracy import WORKLOADS
 from compare_report import markdown, plot_accuracy_vs_traffic, plot_device_accuracy
 from flops import dtype_name, train_macs_per_example
-from tuning import chosen_lr, load_choices, tune_method, tuning_rounds, validation_split
+from tuning import DEFAULT_LR, chosen_lr, load_choices, tune_method, tuning_rounds, validation_split
 
 from fedmask.datasets.federated import FederatedDataset
 from fedmask.datasets.workloads import WORKLOADS as DATA_WORKLOADS
@@ -299,6 +299,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in DEFAULT_LR]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(DEFAULT_LR)}")
     args.tuning_file = args.tuning_file or args.out / "tuning.json"
     if args.tune_devices is None:
         args.tune_devices = TUNE_DEVICES["quick" if args.quick else "default"]
@@ -312,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    saved = None if not args.no_tune else load_choices(args.tuning_file)
+    try:
+        saved = load_choices(args.tuning_file) if args.no_tune else None
+        saved_lrs = {
+            name: {m: chosen_lr(saved, name, m, args.tuning_file) for m in args.methods}
+            for name in (args.workloads if saved is not None else [])
+        }
+    except (OSError, ValueError) as exc:  # fail before any run, naming the file and the missing entry
+        raise SystemExit(f"compare: {exc}") from None
     tuning: dict[str, dict[str, Any]] = {}
     workloads: dict[str, Any] = {}
     for name in args.workloads:
@@ -322,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             tuning[name] = tune_workload(name, config, data, arch, args.methods, args)
             lrs = {m: tuning[name][m]["lr"] for m in args.methods}
         else:
-            tuning[name] = {m: saved[name][m] for m in args.methods if m in saved.get(name, {})}
-            lrs = {m: chosen_lr(saved, name, m, args.tuning_file) for m in args.methods}
+            tuning[name] = {m: saved[name][m] for m in args.methods}
+            lrs = saved_lrs[name]
         workloads[name] = run_workload(name, config, data, arch, lrs)
 
     args.out.mkdir(parents=True, exist_ok=True)

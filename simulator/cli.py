@@ -42,7 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--devices-per-round", type=int, help="participants per round (default: all)")
     add_option(p, "--rounds", type=int, default=10, help="federated rounds")
     add_option(p, "--local-epochs", type=int, default=1, help="local epochs per round")
-    add_option(p, "--strategy", default="fedmask", help="comma-separated: fedmask,fedavg,fedavg_ft,local")
+    add_option(
+        p,
+        "--strategy",
+        default="fedmask",
+        help="comma-separated strategies: fedmask, fedavg, fedavg_ft, local, topk, bnn, perfedavg, "
+        "perfedavg_hf, lgfedavg, fedpm",
+    )
     add_option(p, "--seed", type=int, default=0, help="seed for weights, partition and sampling")
     add_option(p, "--output-dir", default="runs/latest", help="where results.json, results.md and PNGs go")
     add_option(p, "--data-root", help="directory holding the data sets (default: ../shared/datasets)")

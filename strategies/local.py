@@ -21,7 +21,7 @@ from fedmask.strategies.base import (
     Strategy,
     TaskSpec,
 )
-from fedmask.strategies.fedavg import hyper, sgd
+from fedmask.strategies.fedavg import DEFAULTS, hyper, sgd
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import derive_seed, evaluate, train_epochs
 
@@ -71,6 +71,7 @@ class LocalClient(ClientHalf):
 class LocalOnly(Strategy):
     name = "local"
     description = "no federation: each device trains its own dense model"
+    defaults = DEFAULTS  # the same optimizer as FedAvg, so a task message carries what in-process uses
 
     def server(self, spec: TaskSpec) -> ServerHalf:
         return LocalServer(spec)
