@@ -28,15 +28,14 @@ from fedmask.strategies.base import (
     ClientHalf,
     ClientUpdate,
     DecodedBody,
-    Evaluation,
-    FinalModel,
     FitResult,
     ServerHalf,
     Strategy,
     TaskSpec,
 )
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.training import derive_seed
 
 DEFAULTS = {"lr": 0.01}  # Adam on latent weights in [-1, 1]; BinaryConnect trains with Adam too
 
@@ -82,28 +81,19 @@ class BnnServer(ServerHalf):
         return {name: Coded(value, "f16") for name, value in latent.items()}
 
 
-class BnnClient(ClientHalf):
+class BnnClient(ModelClient):
     """Holds the latent weights of the binarized network (restarted from the global mean each round)."""
 
-    def __init__(self, spec: TaskSpec, data) -> None:
-        super().__init__(spec, data)
-        self.model = build_for(spec, WeightMode.BINARY)
-        self.device_seed = derive_seed(spec.seed, data.device_id)
+    mode = WeightMode.BINARY
 
-    def _load(self, global_body: DecodedBody | None) -> None:
-        if global_body:
-            self.model.set_weights(global_body)  # BINARY mode clips to [-1, 1]
+    # receive(): set_weights in BINARY mode clips the global mean to [-1, 1].
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._load(global_body)
+        self.receive(global_body)
         optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=float(_hyper(self.spec, "lr")))
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        metrics = self.train(
+            optimizer,
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=optimizer,
             seed=derive_seed(self.device_seed, round_no),
         )
         signs = signs_of(self.model.get_weights())
@@ -112,22 +102,6 @@ class BnnClient(ClientHalf):
             num_samples=len(self.data.y_train),
             metrics=metrics,
         )
-
-    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        self._load(global_body)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
-
-    def finalize(self, global_body: DecodedBody | None) -> FinalModel:
-        self._load(global_body)
-        return FinalModel(
-            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
-        )
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.get_weights()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.model.set_weights(state)
 
 
 class BnnFedAvg(Strategy):

@@ -16,15 +16,15 @@ from fedmask.strategies.base import (
     ClientHalf,
     ClientUpdate,
     DecodedBody,
-    Evaluation,
     FinalModel,
     FitResult,
     ServerHalf,
     Strategy,
     TaskSpec,
 )
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.training import derive_seed
 
 DEFAULTS = {"lr": 0.05, "momentum": 0.9, "finetune_epochs": 5, "finetune_lr": 0.01}
 
@@ -65,60 +65,34 @@ class FedAvgServer(ServerHalf):
         return weights_body(averaged)
 
 
-class FedAvgClient(ClientHalf):
+class FedAvgClient(ModelClient):
     """Holds the latest global model; ``fine_tune`` decides whether finalization adapts it locally."""
 
     def __init__(self, spec: TaskSpec, data, *, fine_tune: bool) -> None:
         super().__init__(spec, data)
-        self.model = build_for(spec, WeightMode.DENSE)
         self.fine_tune = fine_tune
-        self.device_seed = derive_seed(spec.seed, data.device_id)
-
-    def _load(self, global_body: DecodedBody | None) -> None:
-        if global_body:
-            self.model.set_weights(global_body)
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._load(global_body)
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        self.receive(global_body)
+        metrics = self.train(
+            sgd(self.model, self.spec, hyper(self.spec, "lr")),
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=sgd(self.model, self.spec, hyper(self.spec, "lr")),
             seed=derive_seed(self.device_seed, round_no),
         )
         return FitResult(
             body=weights_body(self.model.get_weights()), num_samples=len(self.data.y_train), metrics=metrics
         )
 
-    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        self._load(global_body)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
-
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
-        self._load(global_body)
+        self.receive(global_body)
         epochs = int(hyper(self.spec, "finetune_epochs")) if self.fine_tune else 0
         if epochs > 0:
-            train_epochs(
-                self.model,
-                self.data.x_train,
-                self.data.y_train,
+            self.train(
+                sgd(self.model, self.spec, hyper(self.spec, "finetune_lr")),
                 epochs=epochs,
-                batch_size=int(self.spec.h("batch_size")),
-                optimizer=sgd(self.model, self.spec, hyper(self.spec, "finetune_lr")),
                 seed=derive_seed(self.device_seed, "finetune"),
             )
-        return FinalModel(
-            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
-        )
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.get_weights()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.model.set_weights(state)
+        return FinalModel(model=self.model, evaluation=self.test())
 
 
 class FedAvg(Strategy):

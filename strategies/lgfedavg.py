@@ -15,14 +15,10 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-import numpy as np
-
 from fedmask.models import MaskedNetwork, WeightMode
 from fedmask.strategies.base import (
     ClientHalf,
     DecodedBody,
-    Evaluation,
-    FinalModel,
     FitResult,
     ServerHalf,
     Strategy,
@@ -30,8 +26,9 @@ from fedmask.strategies.base import (
 )
 from fedmask.strategies.fedavg import DEFAULTS as FEDAVG_DEFAULTS
 from fedmask.strategies.fedavg import FedAvgServer, sgd, weights_body
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.training import derive_seed
 
 # The optimizer is FedAvg's (SGD with momentum).
 DEFAULTS = {"lr": FEDAVG_DEFAULTS["lr"], "momentum": FEDAVG_DEFAULTS["momentum"], "global_layers": 2}
@@ -82,7 +79,7 @@ class LgFedAvgServer(FedAvgServer):
         self.shapes = {name: self.shapes[name] for name in shared}
 
 
-class LgFedAvgClient(ClientHalf):
+class LgFedAvgClient(ModelClient):
     """The whole network lives here; only the global layers are replaced by the server's average."""
 
     def __init__(self, spec: TaskSpec, data) -> None:
@@ -91,21 +88,17 @@ class LgFedAvgClient(ClientHalf):
         self.global_names = global_tensor_names(self.model, _split(spec))
         self.device_seed = derive_seed(spec.seed, data.device_id)
 
-    def _merge(self, global_body: DecodedBody | None) -> None:
+    def receive(self, global_body: DecodedBody | None) -> None:
         if global_body:
             weights = self.model.get_weights()
             weights.update({name: global_body[name] for name in self.global_names})
             self.model.set_weights(weights)
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._merge(global_body)
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        self.receive(global_body)
+        metrics = self.train(
+            sgd(self.model, self.spec, _hyper(self.spec, "lr")),
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=sgd(self.model, self.spec, _hyper(self.spec, "lr")),
             seed=derive_seed(self.device_seed, round_no),
         )
         weights = self.model.get_weights()
@@ -114,22 +107,6 @@ class LgFedAvgClient(ClientHalf):
             num_samples=len(self.data.y_train),
             metrics=metrics,
         )
-
-    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        self._merge(global_body)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
-
-    def finalize(self, global_body: DecodedBody | None) -> FinalModel:
-        self._merge(global_body)
-        return FinalModel(
-            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
-        )
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.get_weights()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.model.set_weights(state)
 
 
 class LgFedAvg(Strategy):

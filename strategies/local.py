@@ -6,24 +6,19 @@ budget of rounds x local epochs. Updates carry an empty body (the envelope still
 
 from __future__ import annotations
 
-import numpy as np
-
-from fedmask.models import WeightMode
 from fedmask.strategies.base import (
     Body,
     ClientHalf,
     ClientUpdate,
     DecodedBody,
-    Evaluation,
-    FinalModel,
     FitResult,
     ServerHalf,
     Strategy,
     TaskSpec,
 )
 from fedmask.strategies.fedavg import DEFAULTS, hyper, sgd
-from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.model_client import ModelClient
+from fedmask.strategies.training import derive_seed
 
 
 class LocalServer(ServerHalf):
@@ -37,35 +32,17 @@ class LocalServer(ServerHalf):
         return {}
 
 
-class LocalClient(ClientHalf):
-    def __init__(self, spec: TaskSpec, data) -> None:
-        super().__init__(spec, data)
-        self.model = build_for(spec, WeightMode.DENSE)
-        self.device_seed = derive_seed(spec.seed, data.device_id)
+class LocalClient(ModelClient):
+    def receive(self, global_body: DecodedBody | None) -> None:
+        """Nothing arrives: the device's model is its own."""
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        metrics = self.train(
+            sgd(self.model, self.spec, hyper(self.spec, "lr")),
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=sgd(self.model, self.spec, hyper(self.spec, "lr")),
             seed=derive_seed(self.device_seed, round_no),
         )
         return FitResult(body={}, num_samples=len(self.data.y_train), metrics=metrics)
-
-    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
-
-    def finalize(self, global_body: DecodedBody | None) -> FinalModel:
-        return FinalModel(model=self.model, evaluation=self.evaluate(None))
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.get_weights()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.model.set_weights(state)
 
 
 class LocalOnly(Strategy):

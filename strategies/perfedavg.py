@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmask.models import WeightMode
 from fedmask.strategies.base import (
     ClientHalf,
     DecodedBody,
@@ -39,7 +38,7 @@ from fedmask.strategies.base import (
     TaskSpec,
 )
 from fedmask.strategies.fedavg import FedAvgServer, weights_body
-from fedmask.strategies.model_factory import build_for
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.training import as_tensors, derive_seed, evaluate
 
 DEFAULTS = {"lr": 0.05, "alpha": 0.01, "delta": 1e-2, "adapt_steps": 1}
@@ -129,21 +128,15 @@ def batch_groups(
         yield tuple((x[idx], y[idx]) for idx in (batches[(start + j) % len(batches)] for j in range(group)))
 
 
-class PerFedAvgClient(ClientHalf):
+class PerFedAvgClient(ModelClient):
     def __init__(self, spec: TaskSpec, data, *, variant: str) -> None:
         super().__init__(spec, data)
         if variant not in VARIANTS:
             raise ValueError(f"perfedavg: variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
-        self.model = build_for(spec, WeightMode.DENSE)
-        self.device_seed = derive_seed(spec.seed, data.device_id)
-
-    def _load(self, global_body: DecodedBody | None) -> None:
-        if global_body:
-            self.model.set_weights(global_body)
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._load(global_body)
+        self.receive(global_body)
         x, y = as_tensors(self.data.x_train, self.data.y_train)
         if len(y) == 0:
             return FitResult(
@@ -187,12 +180,12 @@ class PerFedAvgClient(ClientHalf):
             _add_(params, gradients(self.model, params, (x[idx], y[idx])), -float(_hyper(self.spec, "alpha")))
 
     def _adapted_evaluation(self, global_body: DecodedBody | None) -> Evaluation:
-        self._load(global_body)
+        self.receive(global_body)
         self.adapt()
         return evaluate(self.model, self.data.x_test, self.data.y_test)
 
     def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        self._load(global_body)
+        self.receive(global_body)
         meta_weights = self.model.get_weights()
         result = self._adapted_evaluation(None)
         self.model.set_weights(meta_weights)  # the adapted model is for testing only
@@ -200,12 +193,6 @@ class PerFedAvgClient(ClientHalf):
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         return FinalModel(model=self.model, evaluation=self._adapted_evaluation(global_body))
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.model.get_weights()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.model.set_weights(state)
 
 
 class PerFedAvg(Strategy):

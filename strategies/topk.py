@@ -32,8 +32,6 @@ from fedmask.strategies.base import (
     ClientHalf,
     ClientUpdate,
     DecodedBody,
-    Evaluation,
-    FinalModel,
     FitResult,
     ServerHalf,
     Strategy,
@@ -41,8 +39,9 @@ from fedmask.strategies.base import (
 )
 from fedmask.strategies.fedavg import DEFAULTS as FEDAVG_DEFAULTS
 from fedmask.strategies.fedavg import sgd, weights_body
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.training import derive_seed
 
 # The optimizer is FedAvg's (SGD with momentum); ``k`` and ``target_bits_per_param`` have no default.
 DEFAULTS = {
@@ -179,19 +178,13 @@ class TopKServer(ServerHalf):
         return weights_body(self.weights)
 
 
-class TopKClient(ClientHalf):
+class TopKClient(ModelClient):
     """Trains from the global weights; the error-feedback residual is the device's only state."""
 
     def __init__(self, spec: TaskSpec, data) -> None:
         super().__init__(spec, data)
-        self.model = build_for(spec, WeightMode.DENSE)
-        self.device_seed = derive_seed(spec.seed, data.device_id)
         self.residual = {name: np.zeros_like(w) for name, w in self.model.get_weights().items()}
         self.k_rule = k_rule(spec)
-
-    def _load(self, global_body: DecodedBody | None) -> None:
-        if global_body:
-            self.model.set_weights(global_body)
 
     def choose_k(self, accumulated: Mapping[str, np.ndarray], order: np.ndarray) -> int:
         """How many entries this update sends (see the module docstring for the precedence)."""
@@ -210,15 +203,11 @@ class TopKClient(ClientHalf):
         return min(n, max(1, round(value * n)))
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._load(global_body)
+        self.receive(global_body)
         start = self.model.get_weights()
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        metrics = self.train(
+            sgd(self.model, self.spec, _hyper(self.spec, "lr")),
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=sgd(self.model, self.spec, _hyper(self.spec, "lr")),
             seed=derive_seed(self.device_seed, round_no),
         )
         trained = self.model.get_weights()
@@ -231,16 +220,6 @@ class TopKClient(ClientHalf):
             body={name: Coded(value, "topk") for name, value in sent.items()},
             num_samples=len(self.data.y_train),
             metrics=metrics,
-        )
-
-    def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        self._load(global_body)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
-
-    def finalize(self, global_body: DecodedBody | None) -> FinalModel:
-        self._load(global_body)
-        return FinalModel(
-            model=self.model, evaluation=evaluate(self.model, self.data.x_test, self.data.y_test)
         )
 
     def state_dict(self) -> dict[str, np.ndarray]:
