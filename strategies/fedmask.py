@@ -27,8 +27,9 @@ from fedmask.strategies.base import (
     TaskSpec,
 )
 from fedmask.strategies.mask_rules import MaskRule, make_rule
+from fedmask.strategies.model_client import ModelClient
 from fedmask.strategies.model_factory import build_for
-from fedmask.strategies.training import derive_seed, evaluate, train_epochs
+from fedmask.strategies.training import derive_seed
 
 DEFAULTS = {
     "lr": 0.1,  # Adam on scores; scores live on a much larger scale than weights
@@ -74,15 +75,15 @@ class FedMaskServer(ServerHalf):
         return self.rule.server_body(share)
 
 
-class FedMaskClient(ClientHalf):
+class FedMaskClient(ModelClient):
+    mode = WeightMode.MASK
+
     def __init__(self, spec: TaskSpec, data) -> None:
         super().__init__(spec, data)
-        self.model = build_for(spec, WeightMode.MASK)
         self.rule = rule_for(spec)
-        self.device_seed = derive_seed(spec.seed, data.device_id)
-        self.last_merged_round = -1
 
-    def _merge(self, global_body: DecodedBody | None) -> None:
+    def receive(self, global_body: DecodedBody | None) -> None:
+        """Merge the aggregate into this device's own scores, by the task's rule."""
         if global_body:
             self.model.set_scores(self.rule.merge(self.model.get_scores(), global_body))
 
@@ -92,20 +93,15 @@ class FedMaskClient(ClientHalf):
         )
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
-        self._merge(global_body)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.receive(global_body)
         lr = _hyper(self.spec, "lr")
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=lr)
         torch.manual_seed(derive_seed(self.device_seed, round_no, "sampling"))
         decoupled = _hyper(self.spec, "sparsity_mode") == "decoupled"
         lam, growth = _hyper(self.spec, "sparsity_lambda"), _hyper(self.spec, "sparsity_growth")
-        metrics = train_epochs(
-            self.model,
-            self.data.x_train,
-            self.data.y_train,
+        metrics = self.train(
+            optimizer,
             epochs=int(self.spec.h("local_epochs")),
-            batch_size=int(self.spec.h("batch_size")),
-            optimizer=optimizer,
             seed=derive_seed(self.device_seed, round_no),
             extra_loss=None if decoupled else self._sparsity,
             after_step=(lambda: decoupled_sparsity_step(self.model, lam, growth, lr)) if decoupled else None,
@@ -117,29 +113,21 @@ class FedMaskClient(ClientHalf):
         )
 
     def evaluate(self, global_body: DecodedBody | None) -> Evaluation:
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
+        return self.test()  # the device's own mask as it stands; merging happens when it trains
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         # The last aggregate is the fleet's latest consensus; a device that trained rarely gains most.
-        self._merge(global_body)
+        self.receive(global_body)
         mask = self.model.get_mask()
         self.model.start_finetune()
         epochs = int(_hyper(self.spec, "finetune_epochs"))
         if epochs > 0:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            optimizer = torch.optim.Adam(params, lr=_hyper(self.spec, "finetune_lr"))
-            train_epochs(
-                self.model,
-                self.data.x_train,
-                self.data.y_train,
-                epochs=epochs,
-                batch_size=int(self.spec.h("batch_size")),
-                optimizer=optimizer,
-                seed=derive_seed(self.device_seed, "finetune"),
+            optimizer = torch.optim.Adam(
+                self.model.trainable_parameters(), lr=_hyper(self.spec, "finetune_lr")
             )
-        result = evaluate(self.model, self.data.x_test, self.data.y_test)
+            self.train(optimizer, epochs=epochs, seed=derive_seed(self.device_seed, "finetune"))
         return FinalModel(
-            model=self.model, evaluation=result, mask=mask, metrics={"density": float(mask.mean())}
+            model=self.model, evaluation=self.test(), mask=mask, metrics={"density": float(mask.mean())}
         )
 
     def state_dict(self) -> dict[str, np.ndarray]:
