@@ -11,6 +11,8 @@ PostgreSQL: psycopg 3 (``postgresql+psycopg://``); a bare ``postgresql://`` URL 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,9 +66,9 @@ def make_engine(url: str | URL, *, sqlite_synchronous: str = "FULL", **kwargs: A
         # Take transaction control away from the sqlite3 module; `_begin` below emits BEGIN itself.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.close()
 
@@ -76,6 +78,24 @@ def make_engine(url: str | URL, *, sqlite_synchronous: str = "FULL", **kwargs: A
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a database to WAL, waiting out other connections doing the same.
+
+    Changing the journal mode needs an exclusive lock, and SQLite reports "database is locked" at once
+    (without its busy handler) when several processes open a new database together; seen in CI with
+    three stores upgrading one fresh file. Once a database is in WAL mode this is a read.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
