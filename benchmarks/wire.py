@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from table import print_table
 
 from fedmask.aggregator.service import AggregatorService
 from fedmask.aggregator.tasks import build_task
@@ -397,17 +398,6 @@ INGEST_COLUMNS = [
     ("updates_per_s", "updates/s", "{:.0f}"),
     ("x_baseline", "x baseline", "{:.2f}"),
 ]
-
-
-def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
-    print(f"\n{title}")
-    cells = [[fmt.format(row[key]) for key, _, fmt in columns] for row in rows]
-    headers = [header for _, header, _ in columns]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
 def main(argv: list[str] | None = None) -> int:
