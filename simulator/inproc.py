@@ -41,7 +41,8 @@ def select_devices(device_ids: list[str], per_round: int | None, seed: int, roun
     return [device_ids[i] for i in sorted(chosen)]
 
 
-def params_per_update(strategy_name: str, server) -> int:
+def params_per_update(server) -> int:
+    """Parameters one update describes, from the shapes the server half expects."""
     expected = server.expected_update() or {}
     return int(sum(int(np.prod(shape)) for shape in expected.values()))
 
@@ -76,9 +77,7 @@ class InProcessRun:
         server = strategy.server(spec)
         clients = {d.device_id: strategy.client(spec, d) for d in self.data.devices}
         device_ids = list(clients)
-        result = MethodResult(
-            strategy=spec.strategy, params_per_update=params_per_update(spec.strategy, server)
-        )
+        result = MethodResult(strategy=spec.strategy, params_per_update=params_per_update(server))
         body = server.initial_body()
         for round_no in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()

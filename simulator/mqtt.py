@@ -116,9 +116,7 @@ class MqttRun:
         from fedmask.strategies import get_strategy
 
         server = get_strategy(self.spec.strategy).server(self.spec)
-        result = MethodResult(
-            strategy=self.spec.strategy, params_per_update=params_per_update(self.spec.strategy, server)
-        )
+        result = MethodResult(strategy=self.spec.strategy, params_per_update=params_per_update(server))
         for summary in store.list_rounds(task_id=task.task_id):
             updates = store.accepted_updates(task.task_id, summary.round_no)
             uplink = sum(wire_size(u.payload, task.schedule.max_payload) for u in updates)
