@@ -29,6 +29,10 @@ class SimulationConfig:
     eval_every: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
     transport: str = "inproc"
+    # Device classes assigned round-robin over the devices (e.g. ["pi_zero", "jetson"]): a strategy
+    # may give each class its own budget (FedMask's hyper unit_keep_by_class). Empty: no classes.
+    device_classes: list[str] = field(default_factory=list)
+    tflite_devices: int = 8  # devices whose final model's TFLite latency is measured (0: none)
     fleet: str = "sim"
 
     def to_dict(self) -> dict[str, Any]:
