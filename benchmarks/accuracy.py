@@ -73,6 +73,28 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
 }
 
 
+def benchmark_config(
+    name: str,
+    quick: bool = False,
+    seed: int = 0,
+    strategies: list[str] | None = None,
+    output_dir: Path | None = None,
+    data_root: Path | None = None,
+) -> SimulationConfig:
+    """The SimulationConfig the benchmark runs for workload ``name`` (``tests/test_cli_parity.py`` checks
+    that `fedmask simulate` flags and config files express exactly this)."""
+    base, overrides = WORKLOADS[name]
+    settings = {**base, **(overrides if quick else {})}
+    return SimulationConfig(
+        strategies=list(strategies or STRATEGIES),
+        seed=seed,
+        output_dir=output_dir if output_dir is not None else Path("runs/bench-accuracy") / name,
+        data_root=data_root,
+        transport="inproc",
+        **settings,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,15 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, dict] = {}
     started = time.perf_counter()
     for name in args.workloads.split(","):
-        base, quick = WORKLOADS[name]
-        settings = {**base, **(quick if args.quick else {})}
-        config = SimulationConfig(
-            strategies=args.strategies.split(","),
+        config = benchmark_config(
+            name,
+            quick=args.quick,
             seed=args.seed,
+            strategies=args.strategies.split(","),
             output_dir=out / name,
             data_root=Path(args.data_root) if args.data_root else None,
-            transport="inproc",
-            **settings,
         )
         document = run_simulation(config)
         summary[name] = {

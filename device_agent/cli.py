@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedmask.config import add_option
+from fedmask.config import ConfigError, add_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,17 +75,23 @@ def _run_agent(args: argparse.Namespace) -> int:
     from fedmask.device_agent.agent import DeviceAgent
     from fedmask.protocol.cli_options import broker_from_args
 
-    if not args.device_id or not args.data:
-        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    missing = [flag for flag, value in (("--device-id", args.device_id), ("--data", args.data)) if not value]
+    if missing:
+        raise ConfigError(
+            f"agent run: {' and '.join(missing)} required (also FEDMASK_DEVICE_ID / FEDMASK_DATA, "
+            "or device_id / data in --config)"
+        )
+    broker = broker_from_args(args)
+    data = load_device(args.data)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker_from_args(args),
+        broker,
         args.fleet,
         args.device_id,
-        load_device(args.data),
+        data,
         state_dir=args.state_dir,
         protocol=args.mqtt_protocol,
     )

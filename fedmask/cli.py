@@ -204,7 +204,10 @@ def explain(exc: BaseException) -> tuple[int, str]:
     if _is(exc, "fedmask.datasets.errors", "DatasetError") or isinstance(exc, FileNotFoundError):
         if isinstance(exc, FileNotFoundError) and exc.filename:
             text = f"{exc.strerror or 'no such file'}: {exc.filename}"
-        return RUNTIME_EXIT, f"{text}; check the path (--data, --data-root or the config file)"
+        return RUNTIME_EXIT, (
+            f"{text}; check the path (--data, --data-root or the config file); "
+            "`fedmask data partition` writes device files"
+        )
     if isinstance(exc, PermissionError):
         return RUNTIME_EXIT, f"{text}; check the file's permissions"
     if isinstance(exc, MemoryError):

@@ -18,7 +18,9 @@ running (exit code 1); both carry one line saying what went wrong and what to do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -302,3 +304,41 @@ def key_value_mapping(raw: Any, where: str, flag: str) -> dict[str, Any]:
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} width=0.5")
         out[key.strip().replace("-", "_")] = parse_json_or_text(text)
     return out
+
+
+# -- model options, shared by `fedmask simulate` and task files (read from the code, not listed) --------
+
+_COMMON_ARCH_ARGS = ("seed", "num_classes", "mask_config")
+
+
+def arch_options(arch: str, where: str = "--arch") -> list[str]:
+    """The keywords architecture ``arch`` accepts besides seed, num_classes and mask_config."""
+    from fedmask.models.zoo import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise unknown_key_error(where, arch, ARCHITECTURES, what="architecture")
+    params = inspect.signature(ARCHITECTURES[arch].build).parameters.values()
+    return [p.name for p in params if p.name not in _COMMON_ARCH_ARGS and p.kind != p.VAR_KEYWORD]
+
+
+def check_arch_kwargs(
+    arch: str, kwargs: dict[str, Any], where: str = "arch option", arch_where: str = "--arch"
+) -> None:
+    valid = arch_options(arch, arch_where)
+    for key in kwargs:
+        if key not in valid:
+            raise unknown_key_error(f"{where} for {arch}", key, valid, what="option")
+
+
+def check_mask_config(options: dict[str, Any], where: str = "mask option") -> None:
+    """Keys against ``MaskConfig``'s fields, then the values by building one."""
+    from fedmask.models.layers import MaskConfig
+
+    valid = [f.name for f in dataclasses.fields(MaskConfig) if f.init]
+    for key in options:
+        if key not in valid:
+            raise unknown_key_error(where, key, valid, what="option")
+    try:
+        MaskConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

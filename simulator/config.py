@@ -9,7 +9,6 @@ and the closest valid one.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmask.config import ConfigError, suggest, unknown_key_error
+from fedmask.config import ConfigError, check_arch_kwargs, check_mask_config, suggest, unknown_key_error
 
 DEFAULT_MAX_PAYLOAD = 128 * 1024
 TRANSPORTS = ("inproc", "mqtt")
@@ -55,39 +54,6 @@ class SimulationConfig:
 
 
 # -- validation -----------------------------------------------------------------------------------------
-
-_COMMON_ARCH_ARGS = ("seed", "num_classes", "mask_config")
-
-
-def arch_options(arch: str) -> list[str]:
-    """The keywords architecture ``arch`` accepts besides seed, num_classes and mask_config."""
-    from fedmask.models.zoo import ARCHITECTURES
-
-    if arch not in ARCHITECTURES:
-        raise unknown_key_error("--arch", arch, ARCHITECTURES, what="architecture")
-    params = inspect.signature(ARCHITECTURES[arch].build).parameters.values()
-    return [p.name for p in params if p.name not in _COMMON_ARCH_ARGS and p.kind != p.VAR_KEYWORD]
-
-
-def check_arch_kwargs(arch: str, kwargs: dict[str, Any], where: str = "arch option") -> None:
-    valid = arch_options(arch)
-    for key in kwargs:
-        if key not in valid:
-            raise unknown_key_error(f"{where} for {arch}", key, valid, what="option")
-
-
-def check_mask_config(options: dict[str, Any], where: str = "mask option") -> None:
-    """Keys against ``MaskConfig``'s fields, then the values by building one."""
-    from fedmask.models.layers import MaskConfig
-
-    valid = [f.name for f in dataclasses.fields(MaskConfig) if f.init]
-    for key in options:
-        if key not in valid:
-            raise unknown_key_error(where, key, valid, what="option")
-    try:
-        MaskConfig(**options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _keywords(fn: Callable[..., Any], drop: tuple[str, ...] = ()) -> set[str]:
