@@ -199,18 +199,17 @@ def check_file_keys(raw: dict[str, Any], schema: dict[str, set[str]], path: Any)
     top_valid = any_option | set(schema) | set(GLOBAL_KEYS)
     for key, value in raw.items():
         name = str(key).replace("-", "_")
-        if name in schema and name not in any_option:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
+        # `rounds` and `data` are both a subcommand and an option: a mapping is the section.
+        if name in schema and isinstance(value, dict):
+            valid = schema[name] | set(GLOBAL_KEYS)
+            for inner in value:
+                if str(inner).replace("-", "_") not in valid:
+                    raise unknown_key_error(f"config file {path}: section {key!r}", str(inner), valid)
+        elif name in schema and name not in any_option:
+            if value is not None:
                 raise ConfigError(
                     f"config file {path}: section {key!r} must be a mapping of {key}'s options to values"
                 )
-            for inner in value:
-                inner_name = str(inner).replace("-", "_")
-                valid = schema[name] | set(GLOBAL_KEYS)
-                if inner_name not in valid:
-                    raise unknown_key_error(f"config file {path}: section {key!r}", str(inner), valid)
         elif name not in top_valid:
             raise unknown_key_error(f"config file {path}", str(key), top_valid)
 
