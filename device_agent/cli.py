@@ -75,12 +75,12 @@ def _run_agent(args: argparse.Namespace) -> int:
     from fedmask.device_agent.agent import DeviceAgent
     from fedmask.protocol.cli_options import broker_from_args
 
-    missing = [flag for flag, value in (("--device-id", args.device_id), ("--data", args.data)) if not value]
-    if missing:
-        raise ConfigError(
-            f"agent run: {' and '.join(missing)} required (also FEDMASK_DEVICE_ID / FEDMASK_DATA, "
-            "or device_id / data in --config)"
-        )
+    for flag, value, key in (("--device-id", args.device_id, "device_id"), ("--data", args.data, "data")):
+        if not value:
+            raise ConfigError(
+                f"agent run: {flag} is required; pass {flag} "
+                f"(or FEDMASK_{key.upper()}, or {key}: in --config)"
+            )
     broker = broker_from_args(args)
     data = load_device(args.data)
     if args.threads:

@@ -105,6 +105,16 @@ def _fail(code: int, message: str, debug: bool) -> int:
     return code
 
 
+def _with_hint(message: str, args: argparse.Namespace) -> str:
+    """A usage error's fix: the message's own when it has one, else where the options are described."""
+    if "; " in message:
+        return message
+    words = [args.command] + [
+        str(v) for k, v in sorted(vars(args).items()) if k.endswith("_command") and isinstance(v, str)
+    ]
+    return f"{message}; see `fedmask {' '.join(w for w in words if w)} --help`"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         args.log_level = str(args.log_level).upper()
         debug = args.log_level == "DEBUG"
     except ConfigError as exc:
-        raise SystemExit(_fail(USAGE_EXIT, str(exc), debug)) from None
+        raise SystemExit(_fail(USAGE_EXIT, _with_hint(str(exc), args), debug)) from None
     _setup_logging(args.log_level)
     try:
         result = args.handler(args)
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         code, message = explain(exc)
         if code == USAGE_EXIT:
+            message = _with_hint(message, args)
             raise SystemExit(_fail(code, message, debug)) from None
         return _fail(code, message, debug)
     return int(result or 0)
