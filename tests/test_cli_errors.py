@@ -209,53 +209,56 @@ def test_debug_log_level_after_the_subcommand_adds_the_traceback(tmp_path: Path)
     assert result.stderr.strip().splitlines()[-1].startswith("fedmask: error: ")
 
 
+def fedmask_together(*commands: list[str]) -> list[tuple[int, str]]:
+    """Run several `fedmask` processes at once (each waits out its connect timeout); (code, stderr) each."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMASK_")}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fedmask", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in commands
+    ]
+    results = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=90)
+        results.append((process.returncode, stderr))
+    return results
+
+
+def aggregator_and_agent(tmp_path: Path, task_file: Path, device_file: Path, broker: str) -> list[list[str]]:
+    return [
+        ["aggregator", "run", "--task", str(task_file), "--broker", broker, "--db", f"sqlite:///{tmp_path}/a.db"],
+        ["--log-level", "ERROR", "agent", "run", "--device-id", "dev-1", "--data", str(device_file),
+         "--broker", broker, "--state-dir", str(tmp_path / "state")],
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_broker_unreachable(tmp_path: Path, task_file: Path, device_file: Path) -> None:
-    port = free_loopback_port()  # nothing listens there
-    broker = f"mqtt://127.0.0.1:{port}"
-    common = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMASK_")}
-    cmd = [sys.executable, "-m", "fedmask"]
-    aggregator = subprocess.Popen(
-        [
-            *cmd,
-            "aggregator",
-            "run",
-            "--task",
-            str(task_file),
-            "--broker",
-            broker,
-            "--db",
-            f"sqlite:///{tmp_path}/a.db",
-        ],
-        env=env,
-        **common,
-    )
-    agent = subprocess.Popen(
-        [
-            *cmd,
-            "--log-level",
-            "ERROR",
-            "agent",
-            "run",
-            "--device-id",
-            "dev-1",
-            "--data",
-            str(device_file),
-            "--broker",
-            broker,
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        env=env,
-        **common,
-    )
-    for process in (aggregator, agent):
-        _, stderr = process.communicate(timeout=90)
-        assert process.returncode == 1
+    broker = f"mqtt://127.0.0.1:{free_loopback_port()}"  # nothing listens there
+    for code, stderr in fedmask_together(*aggregator_and_agent(tmp_path, task_file, device_file, broker)):
+        assert code == 1
         line = error_line(stderr)
         assert f"cannot connect to {broker}" in line and "Connection refused" in line
         assert "is the broker running and reachable there?" in line
+
+
+def test_malformed_broker_options_are_usage_errors(tmp_path: Path, device_file: Path) -> None:
+    result = fedmask(
+        "agent", "run", "--device-id", "dev-1", "--data", str(device_file), "--broker", "ftp://x"
+    )
+    assert result.returncode == 2
+    assert "scheme must be mqtt:// or mqtts://" in error_line(result.stderr)
+    result = fedmask(
+        "agent", "run", "--device-id", "dev-1", "--data", str(device_file), "--broker", "mqtts://h",
+        "--ca-file", str(tmp_path / "none.pem"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "none.pem does not exist" in error_line(result.stderr)
 
 
 def _tls_broker(tmp_path: Path) -> tuple[subprocess.Popen, int]:
@@ -283,21 +286,20 @@ def _tls_broker(tmp_path: Path) -> tuple[subprocess.Popen, int]:
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_tls_verify_failure(tmp_path: Path, task_file: Path) -> None:
+def test_tls_verify_failure(tmp_path: Path, task_file: Path, device_file: Path) -> None:
     broker, port = _tls_broker(tmp_path)
     try:
         # The system trust store does not know the test CA.
-        result = fedmask(
-            "aggregator", "run", "--task", str(task_file), "--broker", f"mqtts://127.0.0.1:{port}",
-            "--db", f"sqlite:///{tmp_path / 'a.db'}", "--log-level", "ERROR",
-        )  # fmt: skip
+        commands = aggregator_and_agent(tmp_path, task_file, device_file, f"mqtts://127.0.0.1:{port}")
+        results = fedmask_together(*commands)
     finally:
         broker.terminate()
         broker.wait(10)
-    assert result.returncode == 1
-    line = error_line(result.stderr)
-    assert "certificate verify failed" in line
-    assert "pass the CA that signed it with --ca-file" in line
+    for code, stderr in results:
+        assert code == 1
+        line = error_line(stderr)
+        assert "certificate verify failed" in line
+        assert "pass the CA that signed it with --ca-file" in line
 
 
 @pytest.mark.broker
