@@ -134,7 +134,7 @@ def _check(value: Any, spec: dict[str, Any] | None, name: str) -> Any:
     if isinstance(value, str) and callable(typ):
         try:
             value = typ(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
             kind = getattr(typ, "__name__", "value")
             raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from exc
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):

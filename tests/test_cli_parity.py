@@ -214,3 +214,28 @@ def test_options_reach_the_model_and_the_loader(tmp_path: Path) -> None:
     model = build_for(spec, WeightMode.MASK)
     assert model.conv1.out_channels == 16  # 32 channels at width 0.5
     assert model.mask_config.masked_layers == ("fc*",)
+
+
+def test_a_simulate_run_carries_the_options_into_its_results(hmp_root: Path, tmp_path: Path) -> None:
+    """End to end: flags and a config file's mappings arrive in the run (results.json records them)."""
+    import subprocess
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "hyper: {fedmask: {finetune_epochs: 1}}\n"
+        "simulate: {mask_config: {masked_layers: ['fc*']}, dataset_kwargs: {test_fraction: 0.3}}\n"
+    )
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "fedmask", "simulate", "--config", str(config), "--transport", "inproc",
+        "--strategy", "fedmask", "--rounds", "1", "--devices", "2", "--arch-option", "width=0.5",
+        "--data-root", str(hmp_root.parents[1]), "--output-dir", str(out), "--log-level", "WARNING",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMASK_")}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((out / "results.json").read_text())["config"]
+    assert recorded["arch_kwargs"] == {"width": 0.5}
+    assert recorded["mask_config"] == {"masked_layers": ["fc*"]}
+    assert recorded["dataset_kwargs"] == {"test_fraction": 0.3}
+    assert recorded["hyper"] == {"fedmask": {"finetune_epochs": 1}}
