@@ -82,6 +82,14 @@ def _run_agent(args: argparse.Namespace) -> int:
                 f"(or FEDMASK_{key.upper()}, or {key}: in --config)"
             )
     broker = broker_from_args(args)
+    if broker.username and broker.username != args.device_id:
+        # The project's ACL pins a device to the topics of its own username: the broker would refuse
+        # every publish (presence, updates) of this agent, and it would wait forever for nothing.
+        raise ConfigError(
+            f"agent run: the MQTT credentials are for user {broker.username!r} but --device-id is "
+            f"{args.device_id!r}; a device's username is its id: use the credentials file "
+            f"`fedmask broker add-device --device {args.device_id}` wrote, or --device-id {broker.username}"
+        )
     data = load_device(args.data)
     if args.threads:
         import torch

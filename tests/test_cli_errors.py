@@ -302,6 +302,23 @@ def test_tls_verify_failure(tmp_path: Path, task_file: Path, device_file: Path) 
         assert "pass the CA that signed it with --ca-file" in line
 
 
+def test_agent_credentials_of_another_device_are_refused_before_connecting(
+    tmp_path: Path, device_file: Path
+) -> None:
+    """The ACL would refuse every publish of an agent whose username is not its device id."""
+    credentials = tmp_path / "dev-2.credentials"
+    credentials.write_text("dev-2:secret\n")
+    credentials.chmod(0o600)
+    result = fedmask(
+        "agent", "run", "--device-id", "dev-1", "--data", str(device_file), "--credentials-file",
+        str(credentials), "--broker", f"mqtt://127.0.0.1:{free_loopback_port()}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    line = error_line(result.stderr)
+    assert "credentials are for user 'dev-2' but --device-id is 'dev-1'" in line
+    assert "--device-id dev-2" in line
+
+
 @pytest.mark.broker
 def test_refused_publish_and_refused_login(mosquitto: BrokerHandle, tmp_path: Path, task_file: Path) -> None:
     db = f"sqlite:///{tmp_path / 'a.db'}"
