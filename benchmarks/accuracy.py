@@ -107,19 +107,29 @@ SUMMARY_KEYS = (
 )
 
 
-def benchmark_config(name: str, *, quick: bool, seed: int, out: Path, strategies: list[str], **extra: Any):
-    """The ``SimulationConfig`` of one (workload, seed) cell: what ``fedmask simulate`` would run."""
+def benchmark_config(
+    name: str,
+    quick: bool = False,
+    seed: int = 0,
+    strategies: list[str] | None = None,
+    output_dir: Path | None = None,
+    data_root: Path | None = None,
+):
+    """The SimulationConfig of one (workload, seed) cell: what ``fedmask simulate`` runs for it
+    (``tests/test_cli_parity.py`` checks that flags and config files express exactly this)."""
     from fedmask.simulator.config import SimulationConfig
 
     base, smoke = WORKLOADS[name]
     settings = {**base, **(smoke if quick else {})}
     return SimulationConfig(
-        strategies=list(strategies),
+        strategies=list(strategies or STRATEGIES),
         seed=seed,
-        output_dir=out / name / f"seed-{seed}",
+        output_dir=output_dir
+        if output_dir is not None
+        else Path("runs/bench-accuracy") / name / f"seed-{seed}",
+        data_root=data_root,
         transport="inproc",
         **settings,
-        **extra,
     )
 
 

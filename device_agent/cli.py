@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedmask.config import add_option
+from fedmask.config import ConfigError, add_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,17 +75,31 @@ def _run_agent(args: argparse.Namespace) -> int:
     from fedmask.device_agent.agent import DeviceAgent
     from fedmask.protocol.cli_options import broker_from_args
 
-    if not args.device_id or not args.data:
-        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    for flag, value, key in (("--device-id", args.device_id, "device_id"), ("--data", args.data, "data")):
+        if not value:
+            raise ConfigError(
+                f"agent run: {flag} is required; pass {flag} "
+                f"(or FEDMASK_{key.upper()}, or {key}: in --config)"
+            )
+    broker = broker_from_args(args)
+    if broker.username and broker.username != args.device_id:
+        # The project's ACL pins a device to the topics of its own username: the broker would refuse
+        # every publish (presence, updates) of this agent, and it would wait forever for nothing.
+        raise ConfigError(
+            f"agent run: the MQTT credentials are for user {broker.username!r} but --device-id is "
+            f"{args.device_id!r}; a device's username is its id: use the credentials file "
+            f"`fedmask broker add-device --device {args.device_id}` wrote, or --device-id {broker.username}"
+        )
+    data = load_device(args.data)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker_from_args(args),
+        broker,
         args.fleet,
         args.device_id,
-        load_device(args.data),
+        data,
         state_dir=args.state_dir,
         protocol=args.mqtt_protocol,
     )
