@@ -24,14 +24,14 @@ either ``mask`` (the
 flat bool vector ``MaskedNetwork.get_mask()`` returns) or one bool array per tensor named as in
 ``mask_layout()`` (``conv1.weight``, ...). Fine-tuning after FedMask changes the kept weights'
 values but not which are zero, so masks alone fix size and latency. ``--synthetic`` measures a
-**synthetic stand-in**, labelled as such in the table and JSON (an extra, never the headline):
-layer l of L keeps a fraction ``d_l`` of its weights, linear from ``--first-density`` (0.9, first
-layer) to ``--last-density`` (0.1, classifier), the FedMask pattern of dense feature layers and
-sparse classifier layers. How that density is spread decides what compaction can remove, since only whole units go: a fraction
-``d_l ** unit_share`` of each layer's units (rows; an LSTM layer drops the same hidden units from
-its input and recurrent weights) is kept, and within kept units weights are kept with probability
-``d_l ** (1 - unit_share)``. ``--unit-share 1`` (default) is unit-level pruning (whole rows
-dropped), ``0`` scattered weight-level pruning (compaction then removes almost nothing). The
+**synthetic stand-in**, labelled as such in the table and JSON (an extra, never the headline): layer l
+of L keeps a fraction ``d_l`` of its weights, linear from ``--first-density`` (0.9, first layer) to
+``--last-density`` (0.1, classifier), the FedMask pattern of dense feature layers and sparse classifier
+layers. How that density is spread decides what compaction can remove, since only whole units go: a
+fraction ``d_l ** unit_share`` of each layer's units (rows; an LSTM layer drops the same hidden units
+from its input and recurrent weights) is kept, and within kept units weights are kept with probability
+``d_l ** (1 - unit_share)``. ``--unit-share 1`` (default) is unit-level pruning (whole rows dropped),
+``0`` scattered weight-level pruning (compaction then removes almost nothing). The
 classifier's rows are the model's outputs, so it is always pruned weight-level.
 
     python benchmarks/inference.py                       # real final masks of the accuracy run
