@@ -73,7 +73,13 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
             "eval_every": 5,
             "dataset_kwargs": {"alpha": 0.3},
         },
-        {"rounds": 2, "eval_every": 2, "devices": 10, "devices_per_round": 5},
+        {
+            "rounds": 2,
+            "eval_every": 2,
+            "devices": 10,
+            "devices_per_round": 5,
+            "dataset_kwargs": {"alpha": 0.3, "max_train_per_device": 300},
+        },
     ),
     "shakespeare": (
         {
@@ -200,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-accuracy", help="output directory")
     parser.add_argument("--data-root", help="data sets directory (default ../shared/datasets)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="no runs: summarize the cells already in --out (e.g. after an interrupted run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -209,34 +220,50 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
 
     out = Path(args.out)
-    extra = {"data_root": Path(args.data_root)} if args.data_root else {}
     cells = [
         (
             name,
             seed,
             benchmark_config(
-                name, quick=args.quick, seed=seed, out=out, strategies=args.strategies.split(","), **extra
+                name,
+                quick=args.quick,
+                seed=seed,
+                strategies=args.strategies.split(","),
+                output_dir=out / name / f"seed-{seed}",
+                data_root=Path(args.data_root) if args.data_root else None,
             ),
         )
+        for seed in seeds  # seed-major: every workload's first seed is done first
         for name in names
-        for seed in seeds
     ]
     started = time.perf_counter()
     documents: dict[str, list[dict]] = {name: [] for name in names}
-    context = multiprocessing.get_context("spawn")  # no torch state shared with the workers
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
-        futures = {pool.submit(run_cell, config, args.threads): (name, seed) for name, seed, config in cells}
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            name, seed = futures[future]
-            documents[name].append(future.result())
-            logging.info(
-                "cell %d/%d done: %s seed %d (%.0fs)",
-                done,
-                len(cells),
-                name,
-                seed,
-                time.perf_counter() - started,
-            )
+    if args.summarize_only:
+        for name, _seed, config in cells:
+            path = Path(config.output_dir) / "results.json"
+            if path.is_file():
+                documents[name].append(json.loads(path.read_text()))
+        names = [name for name in names if documents[name]]
+    else:
+        context = multiprocessing.get_context("spawn")  # no torch state shared with the workers
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=max(1, args.jobs), mp_context=context
+        ) as pool:
+            # Submitted workload by workload, so an interrupted run still has whole workloads to summarize.
+            futures = {
+                pool.submit(run_cell, config, args.threads): (name, seed) for name, seed, config in cells
+            }
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                name, seed = futures[future]
+                documents[name].append(future.result())
+                logging.info(
+                    "cell %d/%d done: %s seed %d (%.0fs)",
+                    done,
+                    len(cells),
+                    name,
+                    seed,
+                    time.perf_counter() - started,
+                )
     summary = {}
     for name in names:
         docs = sorted(documents[name], key=lambda d: d["seed"])
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "quick": args.quick,
         "seeds": seeds,
+        "cells": {name: [d["seed"] for d in documents[name]] for name in names},
         "wall_s": time.perf_counter() - started,
         "workloads": summary,
     }

@@ -92,10 +92,15 @@ def units_kept(layer: MaskedLayer) -> torch.Tensor:
 
 @torch.no_grad()
 def enforce_structure(
-    model: MaskedNetwork, keep: float = 1.0, floor: float = 0.0, layers: tuple[str, ...] = ("*",)
+    model: MaskedNetwork,
+    keep: float = 1.0,
+    floor: float = 0.0,
+    layers: tuple[str, ...] = ("*",),
+    output_floor: float | None = None,
 ) -> dict[str, int]:
     """Prune each hidden layer to its ``ceil(keep * units)`` strongest units and floor every kept unit.
 
+    ``output_floor`` (default ``floor``) is the floor of the output layer's class rows.
     Only hidden layers matching one of the fnmatch patterns ``layers`` are pruned (all are floored).
     Returns the number of units kept per layer. Kept units are exactly the budget: a kept unit keeps at
     least ``ceil(floor * live inputs)`` weights (``live``: not reading a pruned unit), so no unit dies by
@@ -103,8 +108,10 @@ def enforce_structure(
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"enforce_structure: keep must be in (0, 1], got {keep}")
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"enforce_structure: floor must be in [0, 1], got {floor}")
+    output_floor = floor if output_floor is None else output_floor
+    for name, value in (("floor", floor), ("output_floor", output_floor)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"enforce_structure: {name} must be in [0, 1], got {value}")
     kept: dict[str, int] = {}
     dead_in: torch.Tensor | None = None  # pruned units of the previous layer, if this layer reads them
     for unit in unit_layers(model):
@@ -117,8 +124,9 @@ def enforce_structure(
             order = torch.argsort(-unit_strength(unit.layer), stable=True)
             alive[order[k:]] = False
             rows[~alive] = -rows[~alive].abs().clamp(min=_NUDGE)
-        if floor > 0.0:
-            _floor_rows(rows, alive, dead_in, floor)
+        row_floor = output_floor if unit.is_output else floor
+        if row_floor > 0.0:
+            _floor_rows(rows, alive, dead_in, row_floor)
         kept[unit.name] = int(alive.sum())
         if unit.consumer is not None:
             cols = _columns(unit.consumer, n)

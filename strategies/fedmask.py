@@ -52,6 +52,7 @@ DEFAULTS = {
     "prune_layers": None,
     "prune_ramp_rounds": 3,
     "unit_floor": 0.05,
+    "class_floor": None,  # the floor of the classifier's class rows (None: unit_floor)
     # Per-device budgets: {device class: unit_keep}; a device's class comes from its data's
     # meta["device_class"] (the agent's --device-class); unlisted classes use unit_keep.
     "unit_keep_by_class": {},
@@ -125,6 +126,7 @@ class FedMaskClient(ModelClient):
             self.unit_keep(round_no),
             float(_hyper(self.spec, "unit_floor")),
             self.prune_layers,
+            _hyper(self.spec, "class_floor"),
         )
 
     def _sparsity(self, model) -> torch.Tensor:
