@@ -39,7 +39,7 @@ STRATEGIES = ["fedmask", "ft_only", "fedavg", "fedavg_ft", "local"]
 WORKLOADS: dict[str, tuple[dict, dict]] = {
     "hmp": (
         {"dataset": "hmp", "rounds": 20, "local_epochs": 1},
-        {"rounds": 3},
+        {"rounds": 3, "tflite_devices": 2},
     ),
     "fashion_mnist": (
         {
@@ -59,6 +59,7 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
             "devices": 10,
             "devices_per_round": 5,
             "dataset_kwargs": {"shard_size": 300},
+            "tflite_devices": 2,
         },
     ),
     "fashion_mnist_dirichlet": (
@@ -79,6 +80,7 @@ WORKLOADS: dict[str, tuple[dict, dict]] = {
             "devices": 10,
             "devices_per_round": 5,
             "dataset_kwargs": {"alpha": 0.3, "max_train_per_device": 300},
+            "tflite_devices": 2,
         },
     ),
     "shakespeare": (

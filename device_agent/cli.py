@@ -63,6 +63,13 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
     add_option(run, "--data", metavar="PATH", help="device data file (.npz from `fedmask data partition`)")
     add_option(run, "--state-dir", default=".fedmask-agent", help="where the agent keeps its state file")
     add_option(run, "--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_option(
+        run,
+        "--device-class",
+        metavar="NAME",
+        help="this device's class (e.g. pi_zero, jetson): a task may give each class its own model "
+        "budget (FedMask: unit_keep_by_class)",
+    )
     run.set_defaults(handler=_run_agent)
 
 
@@ -91,6 +98,8 @@ def _run_agent(args: argparse.Namespace) -> int:
             f"`fedmask broker add-device --device {args.device_id}` wrote, or --device-id {broker.username}"
         )
     data = load_device(args.data)
+    if args.device_class:
+        data.meta = {**data.meta, "device_class": args.device_class}
     if args.threads:
         import torch
 

@@ -75,7 +75,13 @@ def test_device_classes_get_their_own_budgets(hmp_root, tmp_path):
         eval_every=0,
         tflite_devices=0,
         device_classes=["pi_zero", "jetson"],
-        hyper={"fedmask": {"unit_keep_by_class": {"pi_zero": 0.25, "jetson": 1.0}, "finetune_epochs": 1}},
+        hyper={
+            "fedmask": {
+                "unit_keep_by_class": {"pi_zero": 0.25, "jetson": 1.0},
+                "finetune_epochs": 1,
+                "finetune_min_steps": 0,
+            }
+        },
     )
     devices = run_simulation(config, progress=False)["methods"]["fedmask"]["devices"]
     ratios = [d["metrics"]["compacted_params_ratio"] for d in devices]
