@@ -71,38 +71,62 @@ def _run_agent(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    log = logging.getLogger(__name__)
+    if not args.device_id or not args.data:
+        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    try:
+        import torch
+    except ImportError as exc:  # the agent trains with PyTorch: without it, it could only hang
+        raise SystemExit(
+            f"fedmask agent run: PyTorch is not installed ({exc}); the agent trains with it"
+        ) from None
     from fedmask.datasets.federated import load_device
     from fedmask.device_agent.agent import DeviceAgent
     from fedmask.protocol.cli_options import broker_from_args
 
-    if not args.device_id or not args.data:
-        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    broker = broker_from_args(args)
+    if broker.username is not None and broker.username != args.device_id:
+        raise SystemExit(
+            f"fedmask agent run: --device-id {args.device_id} but the credentials are for "
+            f"{broker.username!r}; a device's MQTT username is its device id"
+        )
+    data = load_device(args.data)
+    if data.device_id != args.device_id:
+        raise SystemExit(
+            f"fedmask agent run: --device-id {args.device_id} but {args.data} holds the data of "
+            f"device {data.device_id!r}"
+        )
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker_from_args(args),
+        broker,
         args.fleet,
         args.device_id,
-        load_device(args.data),
+        data,
         state_dir=args.state_dir,
         protocol=args.mqtt_protocol,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    agent.start()
     try:
+        agent.start()
+    except Exception as exc:  # TransportError: refused login, no broker...
+        raise SystemExit(f"fedmask agent run: {exc}") from None
+    try:
+        # Until the personalized model is sent, then until the aggregator confirmed it: the agent
+        # republishes it meanwhile and gives up (agent.error) after its receipt attempts.
         while not stop.is_set() and not agent.finished.wait(1.0):
+            pass
+        while not stop.is_set() and not agent.result_confirmed.wait(1.0):
             pass
     finally:
         agent.stop()
+    if agent.error is not None:
+        raise SystemExit(f"fedmask agent run: {args.device_id}: {agent.error}")
     from fedmask.device_agent.inference import peak_rss_bytes
 
-    logging.getLogger(__name__).info(
-        "agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20
-    )
+    log.info("agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20)
     return 0
 
 

@@ -250,8 +250,8 @@ class Store:
 
         Returns False, changing nothing, when (task, round, device) or (task, device, base round) is
         already stored: the broker redelivered it, or the device republished it while a later round was
-        open (see :meth:`find_update`). Raises RoundClosedError for a new update to a closed round. A device not seen
-        before is registered in the task's fleet: an update is proof it exists.
+        open (see :meth:`find_update`). Raises RoundClosedError for a new update to a closed round. A
+        device not seen before is registered in the task's fleet: an update is proof it exists.
         """
         validation.name(device_id, "device_id")
         validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)

@@ -42,7 +42,9 @@ def upgrade() -> None:
         .fetchall()
     )
     if doubles:
-        shown = ", ".join(f"task_pk {t} device_pk {d} base_round {b} ({n} rows)" for t, d, b, n in doubles[:10])
+        shown = ", ".join(
+            f"task_pk {t} device_pk {d} base_round {b} ({n} rows)" for t, d, b, n in doubles[:10]
+        )
         raise RuntimeError(f"updates stored more than once; remove the extra rows first: {shown}")
     with op.batch_alter_table("updates") as batch:
         batch.alter_column("task_pk", existing_type=sa.Integer(), nullable=False)
