@@ -287,19 +287,19 @@ class RoundManager:
     def online(self) -> set[str]:
         return {device for device, (_, status) in self.presence.items() if status == "online"}
 
-    def expected(self) -> set[str]:
+    def expected_devices(self) -> set[str]:
         """Who a round of this task waits for: its participants so far and the devices online now."""
         return self.participants | self.online()
 
     def missing(self) -> list[str]:
         """Expected devices with no update in the open round."""
         contributors = self.current.contributors if self.current is not None else {}
-        return sorted(self.expected() - set(contributors))
+        return sorted(self.expected_devices() - set(contributors))
 
     def needed(self) -> int:
         """Updates that close the open round before its deadline: ``quorum``, or ``quorum_fraction``
         of the expected devices (rounded up) when that is more."""
-        share = math.ceil(self.schedule.quorum_fraction * len(self.expected()) - 1e-9)
+        share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
         return max(self.schedule.quorum, share)
 
     def _close(self, closed_by: str) -> list[Outbound]:
