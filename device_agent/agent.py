@@ -170,6 +170,7 @@ class DeviceAgent:
         # arrival) and loses to the next connection's.
         self._connected_at = time.time()
         self._presence_sent: bytes | None = None
+        self._presence_sent_at: float | None = None
         self.identity_confirmed = threading.Event()  # our own presence came back from the broker
         self.connection = MqttConnection(
             broker,
@@ -191,10 +192,13 @@ class DeviceAgent:
         self.connection.subscribe(self.topics.state(self.device_id), self._on_own_presence)
         self.connection.connect()
         if self.identity_timeout_s:
-            watchdog = threading.Timer(self.identity_timeout_s, self._check_identity)
-            watchdog.daemon = True
-            watchdog.start()
+            self._watch_identity()
         return self
+
+    def _watch_identity(self) -> None:
+        watchdog = threading.Timer(1.0, self._check_identity)
+        watchdog.daemon = True
+        watchdog.start()
 
     def fail(self, problem: str) -> None:
         """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero."""
@@ -218,7 +222,16 @@ class DeviceAgent:
             self.identity_confirmed.set()
 
     def _check_identity(self) -> None:
-        if self.identity_confirmed.is_set() or self._stopped or not self.connection.connected:
+        if self.identity_confirmed.is_set() or self._stopped or self.error is not None:
+            return
+        # Judged on one connection that stayed up for the whole timeout (a broker restart resets it).
+        up_since = self._presence_sent_at
+        if (
+            not self.connection.connected
+            or up_since is None
+            or time.time() - up_since < self.identity_timeout_s
+        ):
+            self._watch_identity()
             return
         self.fail(
             f"the broker did not deliver our own presence back within {self.identity_timeout_s:g} s: it "
@@ -249,6 +262,7 @@ class DeviceAgent:
             capabilities=self.capabilities,
         )
         self._presence_sent = messages.encode(online)
+        self._presence_sent_at = time.time()
         self.connection.publish(
             self.topics.state(self.device_id), self._presence_sent, retain=True, wait=False
         )
@@ -334,6 +348,13 @@ class DeviceAgent:
             self.final_body_seen = True
             if self.finalize_requested:
                 self._finalize()
+            elif announcement.deadline:
+                # The aggregator asks its participants to finalize until this deadline; a device it
+                # does not ask (it never contributed) stops then instead of waiting for ever.
+                wait_s = max(0.0, announcement.deadline - time.time()) + 10.0
+                timer = threading.Timer(wait_s, self._no_finalize, args=(announcement.task_id,))
+                timer.daemon = True
+                timer.start()
             return
         if announcement.round <= self.state.last_round or self.state.finalize_requested:
             return  # already answered (e.g. the retained announcement again after a reconnect)
@@ -479,6 +500,14 @@ class DeviceAgent:
             )
         self._confirm(directive)
 
+    def _no_finalize(self, task_id: str) -> None:
+        if self.finalize_requested or self._stopped or self.finished.is_set():
+            return
+        self.fail(
+            f"task {task_id} ended its rounds and its finalization deadline passed without asking this "
+            "device to finalize: no update of this device was accepted (it joined too late?)"
+        )
+
     def _confirm(self, directive: messages.Directive) -> None:
         """A receipt or rejection answers our pending message of that kind: stop republishing it.
 
@@ -493,6 +522,7 @@ class DeviceAgent:
             del self._unconfirmed[kind]
         if directive.kind == "receipt":
             self.receipts += 1
+            logger.info("%s: receipt for its %s of base round %d", self.device_id, kind, directive.round)
         if kind == "result":
             if directive.kind != "receipt":
                 self.fail(f"the aggregator refused our personalized model: {directive.reason}")
