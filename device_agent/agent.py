@@ -159,6 +159,7 @@ class DeviceAgent:
         self.pending_round: messages.RoundAnnouncement | None = None
         self.final_body_seen = False  # the last round's aggregate arrived (round ``rounds + 1``)
         self.finalize_requested = False
+        self._early_directives: list[messages.Directive] = []  # arrived before the task
         self.reassembler = Reassembler()
         self.bytes_sent = 0
         self.refused_task: str | None = None
@@ -330,6 +331,9 @@ class DeviceAgent:
             self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = False
             self.state.client_state = {}
         logger.info("%s: joined task %s (%s on %s)", self.device_id, task.task_id, task.strategy, task.arch)
+        early, self._early_directives = self._early_directives, []
+        for directive in early:
+            self._on_directive(directive)
         if self.pending_round is not None:
             pending, self.pending_round = self.pending_round, None
             self._on_round(pending)
@@ -477,7 +481,12 @@ class DeviceAgent:
         kill_point(f"agent.{kind}.after_publish")
 
     def _on_directive(self, directive: messages.Directive) -> None:
-        if self.task is None or directive.task_id != self.task.task_id:
+        # Directives queued in our session arrive before the retained task: judged against the task
+        # of the state file, or kept until the task is known.
+        current = self.task.task_id if self.task is not None else self.state.task_id
+        if directive.task_id != current:
+            if self.task is None and len(self._early_directives) < 16:
+                self._early_directives.append(directive)
             return
         if directive.kind == "finalize":
             kill_point("agent.directive.received")
@@ -485,7 +494,7 @@ class DeviceAgent:
             if not self.state.finalize_requested:
                 self.state.finalize_requested = True  # a restart resumes finalization (not the rounds)
                 self.state.save()
-            if self.final_body_seen:
+            if self.task is not None and self.final_body_seen:
                 self._finalize()
             else:  # the final announcement is retained and follows; finalize from it
                 logger.info("%s: finalize requested; waiting for the last aggregate", self.device_id)
@@ -498,6 +507,17 @@ class DeviceAgent:
                 directive.round,
                 directive.reason,
             )
+        with self._unconfirmed_lock:
+            result_pending = "result" in self._unconfirmed
+        if directive.kind == "receipt" and directive.detail == "result" and not result_pending:
+            # The answer to the result an earlier run of ours sent before it was killed: it is stored.
+            if not self.state.result_confirmed:
+                logger.info("%s: the aggregator confirmed the model sent before the restart", self.device_id)
+                self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = True
+                self.state.save()
+            self.finished.set()
+            self.result_confirmed.set()
+            return
         self._confirm(directive)
 
     def _no_finalize(self, task_id: str) -> None:
