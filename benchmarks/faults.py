@@ -9,8 +9,8 @@ cap 2 KiB so updates and results travel as frames). A seeded RNG picks the trial
   ``fedmask.protocol.faults``): before / after publishing an update or a result, between two of its
   frames (mid-chunk), right after the finalize directive arrived; the aggregator between its commit and
   its ack, between the ack and the receipt, or before announcing the next round;
-- the broker is SIGKILLed at a random time before its first autosave (it comes back with nothing: no
-  sessions, no queued messages, no retained task or round).
+- the broker is SIGKILLed at a random time (0-12 s after the aggregator started serving) before its first
+  autosave (30 s): it comes back with nothing: no sessions, no queued messages, no retained task or round.
 
 A killed process is started again (same arguments, same state directory / store). The trial ends when
 every process has exited, or at its deadline (then whatever still runs is a hang). Invariants, checked
@@ -64,7 +64,7 @@ class Kill:
 
     def label(self) -> str:
         if self.target == "broker":
-            return f"broker@{self.at_s:.1f}s"
+            return f"broker@serving+{self.at_s:.1f}s"
         return f"{self.target}:{self.point}" + (f"#{self.hit}" if self.hit > 1 else "")
 
 
@@ -99,7 +99,8 @@ def plan_kills(seed: int, agents: int, kills: int) -> list[Kill]:
     plan = []
     for target in chosen:
         if target == "broker":
-            plan.append(Kill("broker", at_s=round(rng.uniform(4.0, 25.0), 1)))
+            # Seconds after the aggregator started serving (its retained task is in the broker).
+            plan.append(Kill("broker", at_s=round(rng.uniform(0.0, 12.0), 1)))
         elif target == "aggregator":
             point = rng.choice(AGGREGATOR_POINTS)
             hit = rng.randint(1, 3) if point != "aggregator.before_announce" else rng.randint(1, 2)
@@ -233,13 +234,19 @@ def run_trial(
         )
     started = time.monotonic()
     broker_kill = by_target.get("broker")
+    serving: float | None = None  # when the aggregator first said it serves
     fired: list[str] = []
     for process in processes.values():
         process.start()
     try:
         while time.monotonic() - started < timeout_s:
-            elapsed = time.monotonic() - started
-            if broker_kill is not None and elapsed >= (broker_kill.at_s or 0):
+            if serving is None and "aggregator serving" in processes["aggregator"].log():
+                serving = time.monotonic()
+            if (
+                broker_kill is not None
+                and serving is not None
+                and time.monotonic() - serving >= (broker_kill.at_s or 0)
+            ):
                 broker.kill()  # SIGKILL, well before the 30 s autosave of a broker this young
                 time.sleep(1.0)
                 broker.start()
