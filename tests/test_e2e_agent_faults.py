@@ -5,6 +5,7 @@ line and a non-zero exit within seconds; a kill ends in recovery.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -89,11 +90,11 @@ def test_an_agent_without_torch_exits_with_one_error_line(
     )
     device = smallest(hmp_fleet, 1)[0]
     data = save_device(device, tmp_path / f"{device.device_id}.npz")
-    agent = fedmask_processes(
-        _command(open_mosquitto.url(), device.device_id, data, tmp_path / "agent"),
-        log="agent.log",
-        env={"PYTHONPATH": str(no_torch.parent)},
-    )
+    # Without --threads, nothing imports torch before the agent joins a task.
+    command = _command(open_mosquitto.url(), device.device_id, data, tmp_path / "agent")
+    del command[command.index("--threads") : command.index("--threads") + 2]
+    path = os.pathsep.join(p for p in (str(no_torch.parent), os.environ.get("PYTHONPATH")) if p)
+    agent = fedmask_processes(command, log="agent.log", env={"PYTHONPATH": path})
     assert agent.process.wait(60) != 0
     errors = _error_lines(agent.log())
     assert len(errors) == 1 and "PyTorch is not installed" in errors[0], agent.log()[-2000:]
