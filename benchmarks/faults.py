@@ -9,8 +9,9 @@ updates and results travel as frames). A seeded RNG picks the trial's kills:
   ``fedmask.protocol.faults``): before / after publishing an update or a result, between two frames
   of a result (mid-chunk), right after the finalize directive arrived; the aggregator between its commit and
   its ack, between the ack and the receipt, or before announcing the next round;
-- the broker is SIGKILLed at a random time (0-12 s after the aggregator started serving) before its first
-  autosave (30 s): it comes back with nothing: no sessions, no queued messages, no retained task or round.
+- the broker is SIGKILLed at a random time (0-8 s after the aggregator started serving, if the run is
+  still going) before its first autosave (30 s): it comes back with nothing: no sessions, no queued
+  messages, no retained task or round.
 
 A killed process is started again (same arguments, same state directory / store). The trial ends when
 every process has exited, or at its deadline (then whatever still runs is a hang). Invariants, checked
@@ -105,7 +106,7 @@ def plan_kills(seed: int, agents: int, kills: int) -> list[Kill]:
     for target in chosen:
         if target == "broker":
             # Seconds after the aggregator started serving (its retained task is in the broker).
-            plan.append(Kill("broker", at_s=round(rng.uniform(0.0, 12.0), 1)))
+            plan.append(Kill("broker", at_s=round(rng.uniform(0.0, 8.0), 1)))
         elif target == "aggregator":
             point = rng.choice(AGGREGATOR_POINTS)
             hit = rng.randint(1, 3) if point != "aggregator.before_announce" else rng.randint(1, 2)
@@ -251,10 +252,11 @@ def run_trial(
                 and serving is not None
                 and time.monotonic() - serving >= (broker_kill.at_s or 0)
             ):
-                broker.kill()  # SIGKILL, well before the 30 s autosave of a broker this young
-                time.sleep(1.0)
-                broker.start()
-                fired.append(broker_kill.label())
+                if processes["aggregator"].returncode is None:  # the run is still going: kill it
+                    broker.kill()  # SIGKILL, well before the 30 s autosave of a broker this young
+                    time.sleep(1.0)
+                    broker.start()
+                    fired.append(broker_kill.label())
                 broker_kill = None
             for process in processes.values():
                 code = process.returncode
