@@ -7,7 +7,7 @@ never aggregates nothing either). An update trained from base round ``b`` that a
 is open has staleness ``r - b``; it counts in round ``r`` weighted by ``(1 + staleness) ** -alpha`` up to
 ``staleness_bound``, and is refused past it. Every decision, accepted or not, is recorded in the store
 *before* the caller acknowledges the message to the broker, so a crash loses nothing and a redelivered
-message is recognised (idempotent by task, round, device).
+message is recognised (idempotent by task, round, device, and by task, device, base round across rounds).
 """
 
 from __future__ import annotations

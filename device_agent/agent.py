@@ -160,6 +160,7 @@ class DeviceAgent:
         self.final_body_seen = False  # the last round's aggregate arrived (round ``rounds + 1``)
         self.finalize_requested = False
         self._early_directives: list[messages.Directive] = []  # arrived before the task
+        self._final_body_timer: threading.Timer | None = None
         self.reassembler = Reassembler()
         self.bytes_sent = 0
         self.refused_task: str | None = None
@@ -326,6 +327,7 @@ class DeviceAgent:
                 # directive was consumed, so finalize again from the retained last aggregate.
                 logger.info("%s: finalization was requested before the restart; resuming it", self.device_id)
                 self.finalize_requested = True
+                self._watch_final_body()
         else:
             self.state.task_id, self.state.last_round = task.task_id, 0
             self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = False
@@ -498,6 +500,7 @@ class DeviceAgent:
                 self._finalize()
             else:  # the final announcement is retained and follows; finalize from it
                 logger.info("%s: finalize requested; waiting for the last aggregate", self.device_id)
+                self._watch_final_body()
             return
         if directive.kind == "rejected":
             logger.warning(
@@ -519,6 +522,24 @@ class DeviceAgent:
             self.result_confirmed.set()
             return
         self._confirm(directive)
+
+    def _watch_final_body(self) -> None:
+        """Finalization waits for the retained last aggregate, but not for ever: a broker that lost it
+        after the aggregator ended (its run complete) would leave us waiting for nothing."""
+        if self._final_body_timer is not None:
+            return
+        wait_s = self.receipt_attempts * self.receipt_timeout_s
+        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s,))
+        self._final_body_timer.daemon = True
+        self._final_body_timer.start()
+
+    def _no_final_body(self, waited_s: float) -> None:
+        if self.final_body_seen or self._stopped or self.finished.is_set():
+            return
+        self.fail(
+            f"finalization was requested but the last aggregate did not arrive within {waited_s:.0f} s: the "
+            "aggregator is not running (if it finished, it may already hold our model)"
+        )
 
     def _no_finalize(self, task_id: str) -> None:
         if self.finalize_requested or self._stopped or self.finished.is_set():

@@ -233,7 +233,8 @@ class Reassembler:
     against its sender's own ``max_pending_bytes_per_sender`` (default: one largest message): a
     sender over its own budget supersedes its oldest pending messages, so one sender can never take
     the budget every other sender shares; a message idle for ``timeout_s`` expires (``missing_chunk``,
-    reported to ``on_expired`` and the log). Not thread-safe: call it from one thread (the transport's handler thread).
+    reported to ``on_expired`` and the log). Not thread-safe: call it from one thread (the transport's
+    handler thread).
     """
 
     def __init__(
