@@ -71,6 +71,7 @@ class AgentState:
         self.finalize_requested = False  # the aggregator's finalize directive arrived
         self.finalized = False  # the personalized model was sent
         self.result_confirmed = False  # ... and the aggregator's receipt for it arrived
+        self.deadline_s: float | None = None  # the task's round deadline (how long to wait for answers)
         self.client_state: dict[str, np.ndarray] = {}
         if path.exists():
             self._load()
@@ -87,6 +88,7 @@ class AgentState:
         # A file written before these keys existed: a finalized run there was a finished one.
         self.finalize_requested = bool(meta.get("finalize_requested", self.finalized))
         self.result_confirmed = bool(meta.get("result_confirmed", self.finalized))
+        self.deadline_s = meta.get("deadline_s")
 
     def save(self) -> None:
         meta = json.dumps(
@@ -96,6 +98,7 @@ class AgentState:
                 "finalize_requested": self.finalize_requested,
                 "finalized": self.finalized,
                 "result_confirmed": self.result_confirmed,
+                "deadline_s": self.deadline_s,
             }
         )
         arrays = {STATE_PREFIX + k: v for k, v in self.client_state.items()}
@@ -195,6 +198,10 @@ class DeviceAgent:
         self.connection.connect()
         if self.identity_timeout_s:
             self._watch_identity()
+        if self.state.finalize_requested and not self.state.result_confirmed:
+            # Killed while finalizing: the task and last aggregate are retained, unless the broker lost
+            # them after the aggregator ended; then this deadline ends the wait.
+            self._watch_final_body()
         return self
 
     def _watch_identity(self) -> None:
@@ -330,6 +337,7 @@ class DeviceAgent:
                 self._watch_final_body()
         else:
             self.state.task_id, self.state.last_round = task.task_id, 0
+            self.state.deadline_s = task.schedule.deadline_s
             self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = False
             self.state.client_state = {}
         logger.info("%s: joined task %s (%s on %s)", self.device_id, task.task_id, task.strategy, task.arch)
@@ -426,7 +434,9 @@ class DeviceAgent:
         """How long to wait for a receipt before republishing (default: the task's ``deadline_s``)."""
         if self._receipt_timeout_s is not None:
             return self._receipt_timeout_s
-        return self.task.schedule.deadline_s if self.task is not None else 60.0
+        if self.task is not None:
+            return self.task.schedule.deadline_s
+        return float(self.state.deadline_s) if self.state.deadline_s else 60.0
 
     def _send(self, kind: str, round_no: int, payload: bytes) -> None:
         """Publish and keep the message until the aggregator's receipt (republished on a timer)."""
