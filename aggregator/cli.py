@@ -129,4 +129,7 @@ def _run(args: argparse.Namespace) -> int:
             service.stop()
     finally:
         store.close()
+    outcome = service.manager.outcome
+    if outcome is not None and outcome != "complete":
+        raise SystemExit(f"fedmask aggregator run: task {task.task_id}: {outcome}")
     return 0

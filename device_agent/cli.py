@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedmask.config import ConfigError, add_option
+from fedmask.config import ConfigError, RunError, add_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,16 +78,24 @@ def _run_agent(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from fedmask.datasets.federated import load_device
-    from fedmask.device_agent.agent import DeviceAgent
-    from fedmask.protocol.cli_options import broker_from_args
-
+    log = logging.getLogger(__name__)
     for flag, value, key in (("--device-id", args.device_id, "device_id"), ("--data", args.data, "data")):
         if not value:
             raise ConfigError(
                 f"agent run: {flag} is required; pass {flag} "
                 f"(or FEDMASK_{key.upper()}, or {key}: in --config)"
             )
+    try:
+        import torch
+    except ImportError as exc:  # the agent trains with PyTorch: without it, it could only hang
+        raise RunError(
+            f"agent run: PyTorch is not installed ({exc}); the agent trains with it: install the "
+            "CPU build of torch for this platform, then `pip install fedmask[train]`"
+        ) from None
+    from fedmask.datasets.federated import load_device
+    from fedmask.device_agent.agent import DeviceAgent
+    from fedmask.protocol.cli_options import broker_from_args
+
     broker = broker_from_args(args)
     if broker.username and broker.username != args.device_id:
         # The project's ACL pins a device to the topics of its own username: the broker would refuse
@@ -98,11 +106,14 @@ def _run_agent(args: argparse.Namespace) -> int:
             f"`fedmask broker add-device --device {args.device_id}` wrote, or --device-id {broker.username}"
         )
     data = load_device(args.data)
+    if data.device_id != args.device_id:
+        raise ConfigError(
+            f"agent run: --device-id {args.device_id} but {args.data} holds the data of device "
+            f"{data.device_id!r}; pass --device-id {data.device_id} or that device's data file"
+        )
     if args.device_class:
         data.meta = {**data.meta, "device_class": args.device_class}
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
         broker,
@@ -115,17 +126,24 @@ def _run_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    agent.start()
     try:
+        agent.start()
+    except Exception as exc:  # TransportError: refused login, no broker...
+        raise SystemExit(f"fedmask agent run: {exc}") from None
+    try:
+        # Until the personalized model is sent, then until the aggregator confirmed it: the agent
+        # republishes it meanwhile and gives up (agent.error) after its receipt attempts.
         while not stop.is_set() and not agent.finished.wait(1.0):
+            pass
+        while not stop.is_set() and not agent.result_confirmed.wait(1.0):
             pass
     finally:
         agent.stop()
+    if agent.error is not None:
+        raise SystemExit(f"fedmask agent run: {args.device_id}: {agent.error}")
     from fedmask.device_agent.inference import peak_rss_bytes
 
-    logging.getLogger(__name__).info(
-        "agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20
-    )
+    log.info("agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20)
     return 0
 
 
