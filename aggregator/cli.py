@@ -131,5 +131,5 @@ def _run(args: argparse.Namespace) -> int:
         store.close()
     outcome = service.manager.outcome
     if outcome is not None and outcome != "complete":
-        raise SystemExit(f"fedmask aggregator run: task {task.task_id}: {outcome}")
+        raise RunError(f"aggregator run: task {task.task_id}: {outcome}")
     return 0

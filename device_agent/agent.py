@@ -16,6 +16,7 @@ skips rounds it already answered and keeps the strategy's local state (FedMask's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -177,6 +178,8 @@ class DeviceAgent:
         self._presence_sent: bytes | None = None
         self._presence_sent_at: float | None = None
         self.identity_confirmed = threading.Event()  # our own presence came back from the broker
+        self._busy = 0  # > 0 while training or finalizing (see _working)
+        self._idle_since = 0.0
         self.connection = MqttConnection(
             broker,
             device_id,
@@ -230,15 +233,27 @@ class DeviceAgent:
                 logger.info("%s: the broker accepts our publishes as %s", self.device_id, self.device_id)
             self.identity_confirmed.set()
 
+    @contextlib.contextmanager
+    def _working(self):
+        """Training or finalizing: the one handler thread is busy, so our presence cannot be read back."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._idle_since = time.time()
+
     def _check_identity(self) -> None:
         if self.identity_confirmed.is_set() or self._stopped or self.error is not None:
             return
-        # Judged on one connection that stayed up for the whole timeout (a broker restart resets it).
+        # Judged on one connection that stayed up for the whole timeout (a broker restart resets it),
+        # counting only time in which the handler thread was free to read our presence back.
         up_since = self._presence_sent_at
         if (
-            not self.connection.connected
+            self._busy
+            or not self.connection.connected
             or up_since is None
-            or time.time() - up_since < self.identity_timeout_s
+            or time.time() - max(up_since, self._idle_since) < self.identity_timeout_s
         ):
             self._watch_identity()
             return
@@ -383,7 +398,7 @@ class DeviceAgent:
 
     def _train(self, round_no: int) -> None:
         assert self.client is not None and self.task is not None
-        with self.train_lock:
+        with self.train_lock, self._working():
             started = time.perf_counter()
             fit = self.client.fit(self.global_body, round_no)
             evaluation = self.client.evaluate(None)
@@ -596,7 +611,7 @@ class DeviceAgent:
         if pending is not None:  # sent and not yet answered (e.g. a repeated directive): same bytes again
             self._publish(pending[1], "result")
             return
-        with self.train_lock:
+        with self.train_lock, self._working():
             final = self.client.finalize(self.global_body)
             artifacts = personalized_artifacts(final, self.data.x_test, self.data.y_test, self.latency_runs)
         result = messages.Result(

@@ -126,10 +126,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        agent.start()
-    except Exception as exc:  # TransportError: refused login, no broker...
-        raise SystemExit(f"fedmask agent run: {exc}") from None
+    agent.start()  # a TransportError (no broker, refused login) becomes fedmask's one-line error
     try:
         # Until the personalized model is sent, then until the aggregator confirmed it: the agent
         # republishes it meanwhile and gives up (agent.error) after its receipt attempts.
@@ -140,7 +137,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     finally:
         agent.stop()
     if agent.error is not None:
-        raise SystemExit(f"fedmask agent run: {args.device_id}: {agent.error}")
+        raise RunError(f"agent run: {args.device_id}: {agent.error}")
     from fedmask.device_agent.inference import peak_rss_bytes
 
     log.info("agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20)

@@ -31,7 +31,7 @@ def _command(broker_url: str, device_id: str, data: Path, state_dir: Path, *extr
 
 
 def _error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if line.startswith("fedmask agent run:")]
+    return [line for line in log.splitlines() if line.startswith("fedmask: error: ")]
 
 
 def test_an_agent_killed_while_uploading_its_result_resumes_finalization_after_a_restart(
