@@ -297,7 +297,7 @@ class _Reader:
 
 
 def _golomb_parameter(n: int, k: int) -> int:
-    """Golomb parameter for runs of a symbol of probability k/n (<= 1/2): smallest m, theta^m(1+theta) <= 1."""
+    """Golomb parameter for runs of a symbol of probability k/n <= 1/2: least m, theta^m (1 + theta) <= 1."""
     theta = (n - k) / n
     if theta <= 0.5:
         return 1
@@ -342,7 +342,7 @@ def _decode_group(rd: _Reader, n: int, n_width: int) -> np.ndarray:
     if k == 0:
         return out
     m = rd.gamma()
-    if m < 1 or m > MAX_GOLOMB:
+    if m < 1 or m > max(n, 1):
         raise MaskCodingError("bad_array", f"Golomb parameter {m} out of range")
     start = rd.pos
     ends = rd.ones_from(k)
@@ -361,6 +361,8 @@ def _decode_group(rd: _Reader, n: int, n_width: int) -> np.ndarray:
     else:
         r = np.zeros(k, dtype=np.int64)
     runs = q * m + r
+    if (runs >= n).any():
+        raise MaskCodingError("bad_array", "run lengths exceed the context")
     positions = np.cumsum(runs + 1) - 1
     if positions[-1] >= n:
         raise MaskCodingError("bad_array", "run lengths exceed the context")

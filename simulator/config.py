@@ -29,6 +29,9 @@ class SimulationConfig:
     eval_every: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
     transport: str = "inproc"
+    # Mask codings the simulated parties decode: "bits" alone is the version-1 coding; with "mctx"
+    # masks travel coded against the bases both sides hold (protocol.mask_coding).
+    mask_codings: list[str] = field(default_factory=lambda: ["bits", "mctx"])
     fleet: str = "sim"
 
     def to_dict(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def test_bad_input_is_rejected_specifically_and_the_aggregator_keeps_serving(har
     refused("oversize", seal(h.raw_update(body={"mask": h.mask_map(s=[h.num_bits * 2])})))
     short = h.mask_map(z=False, d=bytes(h.num_bits // 8 - 1))
     refused("wrong_mask_length", seal(h.raw_update(body={"mask": short})))
-    refused("bad_array", seal(h.raw_update(body={"mask": h.mask_map(c="bits7")})))
+    refused("unknown_coding", seal(h.raw_update(body={"mask": h.mask_map(c="bits7")})))
     refused("bad_array", seal(h.raw_update(body={"mask": h.mask_map(z=True, d=b"not zlib")})))
     wrong_names = {"scores": Coded(np.zeros(16, np.float32), "f32")}
     refused("wrong_body", messages.encode(h.update(body=wrong_names)))
