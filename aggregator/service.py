@@ -14,15 +14,19 @@ republishes its message (same bytes) until it has a receipt, and the store is id
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 
+from fedmask.aggregator.mask_books import StoredBases
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications
 from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.mask_bases import plain
+from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage
@@ -46,7 +50,14 @@ class AggregatorService:
     ) -> None:
         self.fleet = fleet
         self.topics = Topics(fleet)
+        if not task.codings:  # tell the devices which mask codings we decode
+            task = dataclasses.replace(task, codings=list(MASK_CODINGS))
         self.manager = RoundManager(fleet, task, store)
+        # Masks coded against what each side holds (uplink bases per device, announced bodies).
+        self.bases = StoredBases(store, task.task_id)
+        self.manager.encode_body = lambda round_no, body: self.bases.announcement(
+            round_no, body, self.manager.known_devices
+        )
         self.max_payload = task.schedule.max_payload
         self.tick_s = tick_s
         self.shared_group = shared_group
@@ -164,11 +175,36 @@ class AggregatorService:
                     if presence.device != device:
                         raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
                     self.manager.on_presence(device, presence)
+                    self.bases.on_presence(device, presence.capabilities)
+                    if presence.status == "online":
+                        self._send_copy(device)
             except ProtocolError as exc:
                 self.manager.reject(
                     exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
                 )
             self.connection.ack(message)
+
+    def _send_copy(self, device: str) -> None:
+        """A device that cannot decode the retained announcement (it lacks its base) gets its own copy,
+        coded against the consensus it holds or in full, on its downlink."""
+        manager = self.manager
+        if manager.finalizing:
+            round_no, deadline = manager.schedule.rounds + 1, manager.finalize_deadline
+        elif manager.current is not None:
+            round_no, deadline = manager.current.number, manager.current.deadline
+        else:
+            return
+        if not self.bases.needs_copy(device, round_no):
+            return
+        copy = messages.RoundAnnouncement(
+            fleet=self.fleet,
+            task_id=manager.task.task_id,
+            round=round_no,
+            deadline=deadline,
+            body=self.bases.copy_for(device, manager.global_body),
+        )
+        logger.info("%s lacks the base of round %d's announcement: sending it its own copy", device, round_no)
+        self._publish([Outbound(self.topics.down(device), messages.encode(copy))])
 
     def _on_up(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -206,6 +242,7 @@ class AggregatorService:
                 (messages.Update, messages.Result),
                 fleet=self.fleet,
                 max_elements=self.max_elements,
+                bases=self.bases.uplink_bases(device),
             )
         except ProtocolError as exc:
             decision = self.manager.reject(
@@ -214,7 +251,13 @@ class AggregatorService:
             receipt = self._receipt(decision, round_no=0, detail="")
         else:
             if isinstance(decoded, messages.Update):
-                decision, outbound = self.manager.on_update(device, decoded, payload, message.topic)
+                # Stored in full coding: the store's payloads decode without any base.
+                stored = payload
+                if any(c.context is not None for c in decoded.body.values()):
+                    stored = messages.encode(dataclasses.replace(decoded, body=plain(decoded.body)))
+                decision, outbound = self.manager.on_update(device, decoded, stored, message.topic)
+                if decision.accepted:
+                    self.bases.accept(device, decoded.round, decoded.body)
                 receipt = self._receipt(decision, round_no=decoded.base_round, detail="update")
             else:
                 decision = self.manager.on_result(device, decoded, payload, message.topic)

@@ -326,6 +326,8 @@ class Task(Message):
     # Keyword arguments of the zoo constructor (width, input shape...); a device needs them to build
     # the same network the digest was computed on.
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Mask codings the aggregator decodes (protocol.mask_coding); absent or empty: "bits" only.
+    codings: list[str] = field(default_factory=list)
 
     def _validate(self) -> None:
         p = self._path
@@ -341,6 +343,9 @@ class Task(Message):
         )
         _set(self, "mask_config", _plain_map(self.mask_config, p("mask_config")))
         _set(self, "arch_kwargs", _plain_map(self.arch_kwargs, p("arch_kwargs")))
+        if not isinstance(self.codings, (list, tuple)):
+            raise _wrong_type(p("codings"), "a list of coding names", self.codings)
+        _set(self, "codings", [validate_id(c, p("codings")) for c in self.codings])
         _set(self, "hyper", _hyper(self.hyper, p("hyper")))
         if not isinstance(self.schedule, Schedule):
             raise _wrong_type(p("schedule"), "a Schedule", self.schedule)
