@@ -82,6 +82,8 @@ class InProcessRun:
         self.context_coding = CONTEXT in config.mask_codings
         self.server_bases = mask_bases.ServerBases()
         self.device_bases: dict[str, mask_bases.DeviceBases] = {}
+        # Called with (device, round, decoded update body) for every update: benchmarks read real masks.
+        self.on_update: Callable[[str, int, Body], None] | None = None
 
     def _downlink(self, device_id: str, round_no: int, body: Body | None, shared: dict) -> tuple[int, float]:
         """Deliver round ``round_no``'s announcement to one device as it would travel to it.
@@ -165,6 +167,8 @@ class InProcessRun:
                     payload, messages.Update, bases=self.server_bases.uplink_bases(device_id)
                 )
                 self.server_bases.accept(device_id, round_no, received.body)
+                if self.on_update is not None:
+                    self.on_update(device_id, round_no, received.body)
                 books.confirm(round_no)  # the receipt
                 up_entropy += entropy_bits(received.body)
                 up_params += mask_params(received.body)
