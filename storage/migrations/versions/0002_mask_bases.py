@@ -1,6 +1,6 @@
 """Mask bases: each device's last accepted mask per body entry (delta-coded masks, issue 12).
 
-Revision ID: 0002_mask_bases
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-29
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_mask_bases"
+revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
