@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from fedmask.protocol.mask_bases import ServerBases, plain
@@ -26,6 +27,24 @@ from fedmask.protocol.tensor_codec import Coded, decode_coded_body
 from fedmask.storage import mask_bases as stored
 
 logger = logging.getLogger(__name__)
+
+
+BASE_REASONS = frozenset({"missing_base", "stale_base", "base_mismatch", "bad_mask_digest"})
+
+
+def refused_update(payload: bytes, reason: object) -> tuple[int, str]:
+    """(base round, "update") of an update refused for its mask base, so the device knows which one to
+    resend in full; (0, "") for anything else (the payload is not trusted beyond this)."""
+    if str(getattr(reason, "value", reason)) not in BASE_REASONS:
+        return 0, ""
+    try:
+        raw = msgpack.unpackb(payload, raw=False)
+    except Exception:  # it decoded far enough to reach the masks; be safe anyway
+        return 0, ""
+    base_round = raw.get("base_round") if isinstance(raw, dict) else None
+    if raw.get("type") != "update" or not isinstance(base_round, int) or isinstance(base_round, bool):
+        return 0, ""
+    return max(0, base_round), "update"
 
 
 class StoredBases(ServerBases):
@@ -72,8 +91,6 @@ class StoredBases(ServerBases):
         aggregate = self.store.get_aggregate(self.task_id, round_no - 1)
         if aggregate is None:
             return None
-        import msgpack
-
         body = decode_coded_body(msgpack.unpackb(aggregate, raw=False))
         masks = {k: np.asarray(c.array).reshape(-1) for k, c in body.items() if c.coding == "bits"}
         self.announced[round_no] = masks

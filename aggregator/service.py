@@ -20,7 +20,7 @@ import math
 import threading
 import time
 
-from fedmask.aggregator.mask_books import StoredBases
+from fedmask.aggregator.mask_books import StoredBases, refused_update
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications
@@ -248,7 +248,9 @@ class AggregatorService:
             decision = self.manager.reject(
                 exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload)
             )
-            receipt = self._receipt(decision, round_no=0, detail="")
+            # A mask coded against a base we lack: name the update, so the device resends it in full.
+            round_no, detail = refused_update(payload, exc.reason)
+            receipt = self._receipt(decision, round_no=round_no, detail=detail)
         else:
             if isinstance(decoded, messages.Update):
                 # Stored in full coding: the store's payloads decode without any base.
