@@ -174,7 +174,7 @@ def timing(masks: dict, repeats: int, n: int = 100_000) -> dict:
     consensus, the masks of consecutive rounds concatenated until they reach n bits."""
     uploads, announced = masks["uploads"], masks["announced"]
     triples = []
-    for (device, r), mask in sorted(uploads.items(), key=lambda kv: kv[0][1]):
+    for (device, r), mask in sorted(uploads.items(), key=lambda kv: -kv[0][1]):  # settled masks first
         prev = uploads.get((device, r - 1))
         side = announced.get(r, {}).get("keep")
         if prev is not None and side is not None:
