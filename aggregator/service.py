@@ -20,10 +20,12 @@ import math
 import threading
 import time
 
+import msgpack
+
 from fedmask.aggregator.mask_books import StoredBases, refused_update
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
-from fedmask.protocol.chunking import Reassembler, publications
+from fedmask.protocol.chunking import Reassembler, publications, wire_size
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.mask_bases import plain
 from fedmask.protocol.mask_coding import MASK_CODINGS
@@ -74,6 +76,12 @@ class AggregatorService:
         # answered), and per round announcement published: what `benchmarks/wire.py` reports.
         self.ingest_s: list[float] = []
         self.announce_s: list[float] = []
+        # Wire bytes (frames included) of each accepted update by (device, round), and of each round's
+        # announcement (retained, last published) and the per-device copies of it: the store keeps
+        # updates in full coding, so these are what the simulator's MQTT transport counts.
+        self.update_wire_bytes: dict[tuple[str, int], int] = {}
+        self.announcement_wire_bytes: dict[int, int] = {}
+        self.copy_wire_bytes: dict[int, int] = {}
         self.connection = MqttConnection(
             broker,
             client_id or f"fedmask-aggregator-{fleet}",
@@ -139,6 +147,8 @@ class AggregatorService:
                 self.published_bytes += len(publication.payload)
             if item.topic == self.topics.round:
                 self.announce_s.append(time.perf_counter() - started)
+                round_no = msgpack.unpackb(item.payload, raw=False).get("round")
+                self.announcement_wire_bytes[round_no] = sum(len(p.payload) for p in plan)
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -204,7 +214,11 @@ class AggregatorService:
             body=self.bases.copy_for(device, manager.global_body),
         )
         logger.info("%s lacks the base of round %d's announcement: sending it its own copy", device, round_no)
-        self._publish([Outbound(self.topics.down(device), messages.encode(copy))])
+        payload = messages.encode(copy)
+        self.copy_wire_bytes[round_no] = self.copy_wire_bytes.get(round_no, 0) + wire_size(
+            payload, self.max_payload
+        )
+        self._publish([Outbound(self.topics.down(device), payload)])
 
     def _on_up(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -260,6 +274,7 @@ class AggregatorService:
                 decision, outbound = self.manager.on_update(device, decoded, stored, message.topic)
                 if decision.accepted:
                     self.bases.accept(device, decoded.round, decoded.body)
+                    self.update_wire_bytes[(device, decoded.round)] = wire_size(payload, self.max_payload)
                 receipt = self._receipt(decision, round_no=decoded.base_round, detail="update")
             else:
                 decision = self.manager.on_result(device, decoded, payload, message.topic)
