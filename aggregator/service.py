@@ -185,8 +185,8 @@ class AggregatorService:
                     if presence.device != device:
                         raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
                     self.manager.on_presence(device, presence)
-                    self.bases.on_presence(device, presence.capabilities)
-                    if presence.status == "online":
+                    if presence.status == "online":  # (an offline will carries no capabilities)
+                        self.bases.on_presence(device, presence.capabilities)
                         self._send_copy(device)
             except ProtocolError as exc:
                 self.manager.reject(
