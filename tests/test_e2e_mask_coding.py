@@ -83,3 +83,48 @@ def test_a_lost_base_is_refused_and_the_update_resent_in_full(
         assert msgpack.unpackb(stored.payload)["body"]["mask"]["c"] == "bits"
         assert {m.round_no for m in load_masks(store, task.task_id, agent.device_id)} == {3}
     store.close()
+
+
+def test_a_device_that_lost_its_state_file_gets_its_own_copy_of_the_announcement(
+    open_mosquitto: BrokerHandle, hmp_fleet: FederatedDataset, one_torch_thread: None, tmp_path: Path
+) -> None:
+    devices = smallest(hmp_fleet, 2)
+    task = fedmask_task(
+        FLEET, hmp_fleet.num_classes, task_id="lost-state", rounds=3, quorum=2, deadline_s=600.0,
+        hyper={"sparsity_lambda": 0.05, "lr": 1.0, "local_epochs": 2},
+    )  # fmt: skip
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    tickets = TrainingTickets()
+    aggregator = AggregatorService(open_mosquitto.url(), FLEET, task, store).start()
+
+    def agent(device) -> DeviceAgent:
+        return DeviceAgent(
+            open_mosquitto.url(), FLEET, device.device_id, device, state_dir=tmp_path / "agents",
+            train_lock=tickets, latency_runs=5,
+        ).start()  # fmt: skip
+
+    agents = [agent(d) for d in devices]
+    try:
+        for round_no in (1, 2):
+            tickets.grant(2)
+            poll(lambda r=round_no: round_state(store, task.task_id, r) == "closed", 60, f"round {round_no}")
+        # The retained announcement of round 3 is coded against round 2's.
+        poll(lambda: 3 in aggregator.bases.coded_rounds, 10, "a coded announcement")
+        lost = agents.pop()
+        lost.stop()
+        lost.state.path.unlink()  # restarted without its state file: it holds no consensus
+        agents.append(agent(devices[-1]))
+        poll(lambda: aggregator.copy_wire_bytes.get(3), 10, "its own copy of round 3")
+        tickets.grant(3)  # the stopped agent's worker was already waiting to train round 3: one for it
+        poll(lambda: round_state(store, task.task_id, 3) == "closed", 60, "round 3 closed")
+        assert sorted(accepted_devices(store, task.task_id, 3)) == sorted(d.device_id for d in devices)
+        assert 3 in agents[-1].rounds_seen
+        # ...and from then on it follows: the final announcement (coded against round 3's) decodes.
+        poll(lambda: agents[-1].bases.consensus_ref.round == 4, 10, "the final announcement decoded")
+    finally:
+        tickets.shut()
+        aggregator.stop()
+        for a in agents:
+            a.stop()
+    store.close()
