@@ -89,6 +89,9 @@ class DeviceBases:
     def __init__(self, codings: tuple[str, ...] | list[str] = (FULL,)) -> None:
         self.codings = tuple(codings)
         self.consensus: dict[str, Base] = {}  # entry -> last decoded announcement entry
+        # the consensus before it: a re-announcement of the same round (deadline extended) is coded
+        # against that one
+        self.earlier: dict[str, Base] = {}
         self.accepted: dict[str, Base] = {}  # entry -> last upload the aggregator accepted
         self.sent: dict[int, dict[str, Base]] = {}  # round -> uploads awaiting a receipt
 
@@ -100,11 +103,31 @@ class DeviceBases:
         return None
 
     def announcement_bases(self) -> BodyBases:
-        """Lookup for decoding an announcement: its ``prev`` bases are the consensus held."""
-        return _lookup(self.consensus)
+        """Lookup for decoding an announcement: its ``prev`` bases are the consensus held (or the one
+        before it, for a repeated announcement of the round we hold)."""
+
+        def for_entry(name: str) -> BaseLookup:
+            def lookup(role: str, ref: MaskRef) -> Base | None:
+                if role != "prev":
+                    return None
+                held = self.consensus.get(name)
+                earlier = self.earlier.get(name)
+                if (
+                    (held is None or held.round != ref.round)
+                    and earlier is not None
+                    and earlier.round == ref.round
+                ):
+                    return earlier
+                return held  # (a base of another round: the decoder says stale_base)
+
+            return lookup
+
+        return for_entry
 
     def received(self, round_no: int, body: Mapping[str, Coded] | None) -> None:
         """An announcement was decoded: its mask entries are now the consensus held."""
+        if self.consensus and self.consensus_ref is not None and self.consensus_ref.round != round_no:
+            self.earlier = self.consensus
         self.consensus = {k: Base(round_no, v) for k, v in _bool_entries(body).items()}
 
     def uplink(self, body: Mapping[str, Coded], round_no: int) -> dict[str, Coded]:

@@ -327,3 +327,26 @@ def test_device_books_survive_the_state_file_round_trip() -> None:
     assert again.consensus_ref == device.consensus_ref
     assert again.accepted["mask"].ref == device.accepted["mask"].ref
     assert isinstance(again.consensus_ref, MaskRef) and again.consensus_ref.round == 7
+
+
+def test_a_repeated_announcement_of_the_round_held_still_decodes() -> None:
+    """A deadline extension re-announces round r coded against r - 1, after the device took in r."""
+    rng = np.random.default_rng(5)
+    device, server = DeviceBases(("bits", "mctx")), ServerBases()
+    keep = rng.random(20_000) < 0.6
+    bodies = {}
+    for round_no in (2, 3):
+        keep = flipped(rng, keep, 0.05)
+        bodies[round_no] = {"keep": Coded(keep, "bits")}
+    server.announce(2, bodies[2])
+    device.received(2, bodies[2])
+    coded = messages.encode(
+        messages.RoundAnnouncement(
+            fleet="f", task_id="t", round=3, deadline=0.0, body=server.downlink(3, bodies[3])
+        )
+    )
+    for _ in range(2):  # the announcement, then the same round again
+        got = messages.decode(coded, messages.RoundAnnouncement, bases=device.announcement_bases())
+        np.testing.assert_array_equal(got.body["keep"].array, keep)
+        device.received(3, got.body)
+    assert device.consensus_ref.round == 3 and device.earlier["keep"].round == 2
