@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from fedmask.protocol import messages
@@ -45,6 +46,15 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "state__"
 # Rejections that mean "the aggregator cannot use the base this mask was coded against".
 BASE_REJECTIONS = ("missing_base", "stale_base", "base_mismatch", "bad_mask_digest")
+
+
+def announced_round(payload: bytes) -> int:
+    """The round number of an announcement that decoded up to its masks (checksum verified)."""
+    try:
+        value = msgpack.unpackb(payload, raw=False).get("round")
+    except Exception:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def spec_from_task(task: messages.Task) -> TaskSpec:
@@ -158,6 +168,9 @@ class DeviceAgent:
         self.bases = DeviceBases()
         self.bases.load_state_arrays(self.state.mask_state)
         self._last_update: messages.Update | None = None
+        # The newest round announced, even one we could not decode yet (we lack its mask base and
+        # wait for our own copy): an older announcement still queued in our session is not trained on.
+        self._newest_round = 0
         self.bytes_sent = 0
         self.refused_task: str | None = None
         self.finished = threading.Event()
@@ -222,9 +235,15 @@ class DeviceAgent:
                 self._on_task(messages.decode(payload, messages.Task, fleet=self.fleet))
             elif route.kind == "round":
                 bases = self.bases.announcement_bases()
-                self._on_round(
-                    messages.decode(payload, messages.RoundAnnouncement, fleet=self.fleet, bases=bases)
-                )
+                try:
+                    announcement = messages.decode(
+                        payload, messages.RoundAnnouncement, fleet=self.fleet, bases=bases
+                    )
+                except ProtocolError as exc:
+                    if exc.reason.value in BASE_REJECTIONS:  # our own copy follows on our downlink
+                        self._newest_round = max(self._newest_round, announced_round(payload))
+                    raise
+                self._on_round(announcement)
             elif route.kind == "down":
                 # A directive, or our own copy of an announcement we could not decode (base missing).
                 decoded = messages.decode(
@@ -290,14 +309,15 @@ class DeviceAgent:
         self.global_body = None if body is None else {k: c.array for k, c in body.items()}
         self.bases.received(announcement.round, body)
         self.state.mask_state = self.bases.state_arrays()
+        newest, self._newest_round = self._newest_round, max(self._newest_round, announcement.round)
         if announcement.round > self.task.schedule.rounds:
             # The aggregate of the last round: nothing to train, but the model is finalized from it.
             self.final_body_seen = True
             if self.finalize_requested:
                 self._finalize()
             return
-        if announcement.round <= self.state.last_round or self.state.finalized:
-            return  # already answered (e.g. the retained announcement again after a reconnect)
+        if announcement.round <= self.state.last_round or self.state.finalized or announcement.round < newest:
+            return  # already answered (e.g. the retained announcement again after a reconnect), or old
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
                 "%s: round %d is long past its deadline; waiting for the next",
