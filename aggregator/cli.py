@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-from fedmask.config import add_option
+from fedmask.config import ConfigError, RunError, add_option
 from fedmask.protocol.cli_options import add_broker_options
+
+TASK_EXTRA_KEYS = ("schedule", "task_id")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,39 +32,104 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=_run)
 
 
+def check_task_file(path: str | Path) -> dict[str, Any]:
+    """Read a task file and check its keys and names against the code (``ConfigError`` if wrong)."""
+    import dataclasses
+
+    from fedmask.config import check_arch_kwargs, check_mask_config, load_config_file, unknown_key_error
+    from fedmask.protocol.messages import Schedule
+    from fedmask.strategies import TaskSpec, registry
+
+    where = f"task file {path}"
+    raw = load_config_file(path)
+    valid = [f.name for f in dataclasses.fields(TaskSpec)] + list(TASK_EXTRA_KEYS)
+    for key in raw:
+        if key not in valid:
+            raise unknown_key_error(where, str(key), valid)
+    missing = [k for k in ("strategy", "arch", "num_classes") if k not in raw]
+    if missing:
+        raise ConfigError(
+            f"{where}: missing {', '.join(missing)}; a task file names at least strategy, arch and "
+            "num_classes (e.g. strategy: fedmask, arch: har_cnn, num_classes: 14)"
+        )
+    strategies = registry()
+    if raw["strategy"] not in strategies:
+        raise unknown_key_error(f"{where}: strategy", str(raw["strategy"]), strategies, what="strategy")
+    for key in ("arch_kwargs", "mask_config", "hyper", "schedule"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {raw[key]!r}")
+    check_arch_kwargs(
+        str(raw["arch"]), raw.get("arch_kwargs") or {}, f"{where}: arch_kwargs", f"{where}: arch"
+    )
+    check_mask_config(raw.get("mask_config") or {}, f"{where}: mask_config")
+    schedule_keys = [f.name for f in dataclasses.fields(Schedule)]
+    for key in raw.get("schedule") or {}:
+        if key not in schedule_keys:
+            raise unknown_key_error(f"{where}: schedule", str(key), schedule_keys)
+    return raw
+
+
+def _load_task(path: str, fleet: str) -> Any:
+    from fedmask.aggregator.tasks import load_task_file
+
+    check_task_file(path)
+    try:
+        return load_task_file(path, fleet)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"task file {path}: {exc}") from exc
+
+
 def _run(args: argparse.Namespace) -> int:
     import logging
     import signal
     import threading
 
+    from sqlalchemy.exc import OperationalError
+
     from fedmask.aggregator.service import AggregatorService
-    from fedmask.aggregator.tasks import load_task_file
     from fedmask.protocol.cli_options import broker_from_args
     from fedmask.storage import Store
+    from fedmask.storage.cli import database_url
 
     if not args.task:
-        raise SystemExit("fedmask aggregator run: --task FILE is required (or FEDMASK_TASK)")
-    task = load_task_file(args.task, args.fleet)
-    store = Store(args.db)
-    store.upgrade()
-    service = AggregatorService(
-        broker_from_args(args),
-        args.fleet,
-        task,
-        store,
-        protocol=args.mqtt_protocol,
-        client_id=args.client_id,
-        shared_group=args.shared_group,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    service.start()
-    logging.getLogger(__name__).info("aggregator serving fleet %s, task %s", args.fleet, task.task_id)
+        raise ConfigError(
+            "aggregator run: no task; pass --task FILE (or FEDMASK_TASK, or `task:` in --config)"
+        )
+    task = _load_task(args.task, args.fleet)
+    broker = broker_from_args(args)
+    url = database_url(args.db)
     try:
-        while not stop.is_set() and not service.wait(1.0):
-            pass
+        store = Store(url)
+        store.upgrade()
+    except OperationalError as exc:
+        cause = " ".join(str(exc.orig).split())
+        raise RunError(
+            f"database {url.render_as_string(hide_password=True)}: {cause}; check --db (or FEDMASK_DB) "
+            "and that the database server is running and accepts this user"
+        ) from exc
+    try:
+        service = AggregatorService(
+            broker,
+            args.fleet,
+            task,
+            store,
+            protocol=args.mqtt_protocol,
+            client_id=args.client_id,
+            shared_group=args.shared_group,
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        service.start()
+        logging.getLogger(__name__).info("aggregator serving fleet %s, task %s", args.fleet, task.task_id)
+        try:
+            while not stop.is_set() and not service.wait(1.0):
+                pass
+        finally:
+            service.stop()
     finally:
-        service.stop()
         store.close()
+    outcome = service.manager.outcome
+    if outcome is not None and outcome != "complete":
+        raise SystemExit(f"fedmask aggregator run: task {task.task_id}: {outcome}")
     return 0

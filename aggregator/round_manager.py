@@ -7,12 +7,14 @@ never aggregates nothing either). An update trained from base round ``b`` that a
 is open has staleness ``r - b``; it counts in round ``r`` weighted by ``(1 + staleness) ** -alpha`` up to
 ``staleness_bound``, and is refused past it. Every decision, accepted or not, is recorded in the store
 *before* the caller acknowledges the message to the broker, so a crash loses nothing and a redelivered
-message is recognised (idempotent by task, round, device).
+message is recognised (idempotent by task, round, device, and by task, device, base round across rounds).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ class OpenRound:
     number: int
     deadline: float
     contributors: dict[str, int] = field(default_factory=dict)  # device -> staleness
+    extensions: int = 0  # deadlines passed with fewer than min_updates
 
 
 def _utc(ts: float) -> datetime:
@@ -106,10 +109,17 @@ class RoundManager:
         self.current: OpenRound | None = None
         self.global_body = self.server.initial_body()
         self.known_devices: set[str] = set()
+        # The devices that joined this task (an accepted update in any of its rounds): the ones asked to
+        # finalize and waited for. Not every device the fleet ever saw.
+        self.participants: set[str] = set()
+        # device -> (presence time from the message, status): what the retained state topics say.
+        self.presence: dict[str, tuple[float, str]] = {}
         self.finalizing = False
         self.finalize_deadline = 0.0
         self.results: set[str] = set()
         self.done = False
+        self.outcome: str | None = None  # once done: "complete", or a one-line account of what is missing
+        self.max_extensions = int(task.hyper.get("max_round_extensions", 10))
         self.timings: dict[int, RoundTiming] = {}  # rounds this process opened or resumed
         # How an announced body travels: (round, body) -> body to encode (the service codes masks
         # against what the devices hold, aggregator.mask_books); by default as it is.
@@ -129,7 +139,12 @@ class RoundManager:
             arch=self.task.arch,
         )
         out = [Outbound(self.topics.task, messages.encode(self.task), retain=True)]
-        self.known_devices.update(d.device_id for d in self.store.list_devices(self.fleet))
+        for device in self.store.list_devices(self.fleet):
+            self.known_devices.add(device.device_id)
+            if device.presence is not None and device.presence_at is not None:
+                self.presence[device.device_id] = (device.presence_at.timestamp(), device.presence)
+        self.participants = self.store.task_participants(self.task.task_id)
+        self.results = {m.device_id for m in self.store.list_models(task_id=self.task.task_id)}
         latest = self.store.latest_round(self.task.task_id)
         if latest is None:
             return out + self._open(1)
@@ -183,11 +198,17 @@ class RoundManager:
         self.current = None
         self.finalizing = True
         self.finalize_deadline = self.clock() + self.finalize_deadline_s
+        waiting = sorted(self.participants - self.results)
         logger.info(
-            "all %d rounds done: asking %d devices to finalize", self.schedule.rounds, len(self.known_devices)
+            "all %d rounds done: asking the task's %d participants to finalize (%d results already in)",
+            self.schedule.rounds,
+            len(self.participants),
+            len(self.participants & self.results),
         )
-        directives = [self.finalize_directive(device) for device in sorted(self.known_devices)]
-        return [self._final_announcement(), *directives]
+        directives = [self.finalize_directive(device) for device in waiting]
+        out = [self._final_announcement(), *directives]
+        self._check_done()
+        return out
 
     def _final_announcement(self) -> Outbound:
         """The last round's aggregate, announced as round ``rounds + 1``: devices finalize from it and
@@ -201,6 +222,16 @@ class RoundManager:
         )
         return Outbound(self.topics.round, messages.encode(msg), retain=True)
 
+    def retained(self) -> list[Outbound]:
+        """The retained messages the broker should hold now: the task, and the open round's announcement
+        (or the final one). Published again whenever they may be missing (see the service)."""
+        out = [Outbound(self.topics.task, messages.encode(self.task), retain=True)]
+        if self.current is not None:
+            out.append(self._announcement())
+        elif self.finalizing:
+            out.append(self._final_announcement())
+        return out
+
     def finalize_directive(self, device: str) -> Outbound:
         """Tells a device to build its personalized model (queued by its persistent session if offline)."""
         msg = messages.Directive(
@@ -213,21 +244,67 @@ class RoundManager:
         now = self.clock()
         if self.finalizing:
             if now >= self.finalize_deadline and not self.done:
-                logger.warning("finalization deadline passed with %d results", len(self.results))
-                self.done = True
+                missing = sorted(self.participants - self.results)
+                self._finish(
+                    f"finalization deadline passed without the personalized model of {len(missing)} of the "
+                    f"task's {len(self.participants)} participants: {', '.join(missing)}"
+                )
             return []
-        if self.current is None or now < self.current.deadline:
+        if self.current is None or now < self.current.deadline or self.done:
             return []
         if len(self.current.contributors) >= self.min_updates:
             return self._close("deadline")
+        if self.current.extensions >= self.max_extensions:
+            self._finish(
+                f"round {self.current.number} has {len(self.current.contributors)} of the "
+                f"{self.min_updates} updates it needs after {self.current.extensions + 1} deadlines; "
+                f"giving up (missing: {', '.join(self.missing()) or 'no device is expected'})"
+            )
+            return []
+        self.current.extensions += 1
         self.current.deadline = now + self.schedule.deadline_s
         logger.warning(
-            "round %d: %d of the %d updates it needs by the deadline; extended",
+            "round %d: %d of the %d updates it needs by the deadline; extended (%d of %d; missing: %s)",
             self.current.number,
             len(self.current.contributors),
             self.min_updates,
+            self.current.extensions,
+            self.max_extensions,
+            ", ".join(self.missing()) or "no device is expected",
         )
         return [self._announcement()]
+
+    def _finish(self, problem: str | None) -> None:
+        self.done = True
+        self.outcome = "complete" if problem is None else problem
+        if problem is None:
+            logger.info(
+                "task %s complete: every participant reported its personalized model", self.task.task_id
+            )
+        else:
+            logger.error("task %s: %s", self.task.task_id, problem)
+
+    def _check_done(self) -> None:
+        if self.finalizing and not self.done and self.participants <= self.results:
+            self._finish(None)
+
+    def online(self) -> set[str]:
+        return {device for device, (_, status) in self.presence.items() if status == "online"}
+
+    def expected_devices(self) -> set[str]:
+        """Who a round of this task waits for: its participants so far and the devices online now."""
+        return self.participants | self.online()
+
+    def missing(self) -> list[str]:
+        """Expected devices with no update in the open round."""
+        contributors = self.current.contributors if self.current is not None else {}
+        return sorted(self.expected_devices() - set(contributors))
+
+    def needed(self) -> int:
+        """Updates that close the open round before its deadline: ``quorum``, or ``quorum_fraction``
+        of the expected devices (rounded up) when that is more."""
+        share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
+        return max(self.schedule.quorum, share)
 
     def _close(self, closed_by: str) -> list[Outbound]:
         assert self.current is not None
@@ -252,26 +329,47 @@ class RoundManager:
         if number in self.timings:
             self.timings[number].closed = closed
             self.timings[number].aggregate_s = closed - started
+        missing = self.missing()
         logger.info(
-            "round %d closed by %s with %d updates (aggregated in %.0f ms)",
+            "round %d closed by %s with %d updates (aggregated in %.0f ms); missing: %s",
             number,
             closed_by,
             len(updates),
             (closed - started) * 1e3,
+            ", ".join(missing) or "nobody",
         )
         return self._after_close(number)
 
     # ----- inbound -----------------------------------------------------------------------------
 
-    def on_presence(self, device: str, presence: messages.Presence) -> None:
+    def on_presence(self, device: str, presence: messages.Presence) -> list[Outbound]:
+        """Record a presence at the time the message carries, not when it arrived: a retained presence
+        replayed to a restarted aggregator is old news. A participant coming online while the task is
+        finalizing without its result is sent the finalize directive again (it may have consumed the
+        first one and crashed, or the broker may have lost it)."""
         self.known_devices.add(device)
+        now = self.clock()
+        at = min(presence.at, now) if presence.at > 0 else now
         self.store.upsert_device(
             self.fleet,
             device,
             capabilities=presence.capabilities,
             presence=presence.status,
-            seen_at=_utc(self.clock()),
+            seen_at=_utc(at),
         )
+        previous = self.presence.get(device)
+        if previous is None or previous[0] <= at:  # the store's rule: the newest presence wins
+            self.presence[device] = (at, presence.status)
+        if (
+            presence.status == "online"
+            and self.finalizing
+            and not self.done
+            and device in self.participants
+            and device not in self.results
+        ):
+            logger.info("%s is online without its personalized model: finalize directive sent again", device)
+            return [self.finalize_directive(device)]
+        return []
 
     def reject(
         self, reason: Rejection | str, detail: str, *, device: str | None, topic: str, size: int
@@ -296,17 +394,18 @@ class RoundManager:
         self, device: str, update: messages.Update, payload: bytes, topic: str
     ) -> tuple[Decision, list[Outbound]]:
         """Validate, store (committed) and count one decoded update; the caller acks after this returns."""
+        if update.device == device and update.task_id == self.task.task_id:
+            # The idempotency key of an update is (task, device, base round), whatever round stored it:
+            # a device that lost its receipt republishes the same bytes, maybe rounds later.
+            stored = self.store.find_update(self.task.task_id, device, update.base_round)
+            if stored is not None and stored[1] == hashlib.sha256(payload).hexdigest():
+                return self._already_stored(device, update, payload, topic, stored), []
         if self.finalizing and update.task_id == self.task.task_id:
             # A device that missed the end of the run (it was offline): tell it to finalize.
             decision = self.reject(
                 Rejection.ROUND_CLOSED, "the run is finalizing", device=device, topic=topic, size=len(payload)
             )
             return decision, [self.finalize_directive(device)]
-        if self.current is not None and self.current.contributors.get(device) is not None:
-            previous = self._stored_payload(device)
-            if previous == payload:
-                # The broker redelivered what we already stored (we crashed before acking): ack it again.
-                return Decision(True, None, "duplicate delivery"), []
         try:
             weight, staleness = self._check(device, update)
         except ProtocolError as exc:
@@ -323,21 +422,49 @@ class RoundManager:
             payload=payload,
             metrics=dict(update.metrics),
         )
-        if not created:  # stored by a run of ours that crashed before it could update its memory
-            self.current.contributors[device] = staleness
-            return Decision(True, None, "duplicate delivery"), []
+        if not created:  # stored meanwhile (another worker): judge it like any stored update
+            stored = self.store.find_update(self.task.task_id, device, update.base_round)
+            if stored is None:
+                return self.reject(
+                    Rejection.REPLAYED_UPDATE,
+                    f"{device} already contributed to round {self.current.number}",
+                    device=device,
+                    topic=topic,
+                    size=len(payload),
+                ), []
+            return self._already_stored(device, update, payload, topic, stored), []
         self.current.contributors[device] = staleness
+        self.participants.add(device)
         out: list[Outbound] = []
-        if len(self.current.contributors) >= self.schedule.quorum:
+        if len(self.current.contributors) >= self.needed():
             out = self._close("quorum")
         return Decision(True), out
 
-    def _stored_payload(self, device: str) -> bytes | None:
-        assert self.current is not None
-        for stored in self.store.accepted_updates(self.task.task_id, self.current.number):
-            if stored.device_id == device:
-                return stored.payload
-        return None
+    def _already_stored(
+        self, device: str, update: messages.Update, payload: bytes, topic: str, stored: tuple[int, str]
+    ) -> Decision:
+        """An update whose (task, device, base round) is stored: the same bytes get the original receipt
+        again (nothing is stored twice); different bytes are a replay."""
+        round_no, digest = stored
+        if digest == hashlib.sha256(payload).hexdigest():
+            logger.debug(
+                "%s republished its base-round-%d update (stored in round %d): receipt sent again",
+                device,
+                update.base_round,
+                round_no,
+            )
+            if self.current is not None and round_no == self.current.number:
+                self.current.contributors.setdefault(device, self.current.number - update.base_round)
+            self.participants.add(device)
+            return Decision(True, None, "duplicate delivery")
+        return self.reject(
+            Rejection.REPLAYED_UPDATE,
+            f"{device} already has an update from base round {update.base_round} "
+            f"(stored in round {round_no})",
+            device=device,
+            topic=topic,
+            size=len(payload),
+        )
 
     def _check(self, device: str, update: messages.Update) -> tuple[float, int]:
         """The update's staleness weight and staleness, or ``ProtocolError`` with the specific reason."""
@@ -412,8 +539,7 @@ class RoundManager:
             metrics=dict(m),
         )
         self.results.add(device)
-        if self.finalizing and self.results >= self.known_devices:
-            self.done = True
+        self._check_done()
         return Decision(True)
 
 

@@ -27,6 +27,7 @@ from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications, wire_size
 from fedmask.protocol.errors import ProtocolError, Rejection
+from fedmask.protocol.faults import kill_point
 from fedmask.protocol.mask_bases import plain
 from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
@@ -49,6 +50,7 @@ class AggregatorService:
         tick_s: float = 0.2,
         shared_group: str | None = None,
         reassembly_timeout_s: float = 120.0,
+        republish_task_s: float = 60.0,
     ) -> None:
         self.fleet = fleet
         self.topics = Topics(fleet)
@@ -68,6 +70,11 @@ class AggregatorService:
         expected = self.manager.expected
         self.max_elements = sum(math.prod(shape) for shape in expected.values()) if expected else MAX_ELEMENTS
         self._frames_left: dict[str, int] = {}  # retained chunk frames we published per topic
+        # The retained task and announcement live in the broker, which may lose them (killed before its
+        # autosave): published again after every reconnect, and the task every ``republish_task_s``.
+        self.republish_task_s = republish_task_s
+        self._republish = threading.Event()
+        self._last_task_publish = time.monotonic()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.finished = threading.Event()
@@ -88,6 +95,7 @@ class AggregatorService:
             protocol=protocol,
             manual_ack=True,
             dispatch="worker",
+            on_connect=self._on_connect,
         )
         self._ticker = threading.Thread(target=self._tick_loop, name="aggregator-ticker", daemon=True)
 
@@ -103,6 +111,8 @@ class AggregatorService:
             outbound = self.manager.start()
             self.connection.connect()
             self._publish(outbound)
+            self._republish.clear()  # the first connection's retained messages are the ones just sent
+            self._last_task_publish = time.monotonic()
         self._ticker.start()
         return self
 
@@ -116,6 +126,10 @@ class AggregatorService:
         """Block until every device reported its personalized model (or finalization timed out)."""
         return self.finished.wait(timeout)
 
+    def _on_connect(self, session_present: bool) -> None:
+        # paho's network thread: no blocking publish here; the ticker republishes.
+        self._republish.set()
+
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             try:
@@ -123,10 +137,22 @@ class AggregatorService:
                     # Incomplete messages expire here too, not only when the next frame arrives.
                     self.reassembler.expire()
                     self._publish(self.manager.tick())
+                    self._republish_retained()
                     if self.manager.done:
                         self.finished.set()
             except Exception:  # keep serving: a failed tick is retried at the next one
                 logger.exception("aggregator tick failed")
+
+    def _republish_retained(self) -> None:
+        now = time.monotonic()
+        if self._republish.is_set():
+            self._republish.clear()
+            logger.info("reconnected: publishing the retained task and round announcement again")
+            self._publish(self.manager.retained())
+            self._last_task_publish = now
+        elif now - self._last_task_publish >= self.republish_task_s and not self.manager.done:
+            self._publish(self.manager.retained()[:1])
+            self._last_task_publish = now
 
     # ----- publishing -------------------------------------------------------------------------
 
@@ -184,7 +210,7 @@ class AggregatorService:
                     presence = messages.decode(message.payload, messages.Presence, fleet=self.fleet)
                     if presence.device != device:
                         raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
-                    self.manager.on_presence(device, presence)
+                    outbound = self.manager.on_presence(device, presence)
                     if presence.status == "online":  # (an offline will carries no capabilities)
                         self.bases.on_presence(device, presence.capabilities)
                         self._send_copy(device)
@@ -192,7 +218,9 @@ class AggregatorService:
                 self.manager.reject(
                     exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
                 )
+                outbound = []
             self.connection.ack(message)
+            self._publish(outbound)
 
     def _send_copy(self, device: str) -> None:
         """A device that cannot decode the retained announcement (it lacks its base) gets its own copy,
@@ -280,10 +308,14 @@ class AggregatorService:
                 decision = self.manager.on_result(device, decoded, payload, message.topic)
                 receipt = self._receipt(decision, round_no=0, detail="result")
         # Stored (accepted or rejected) and committed: now the broker may forget the message.
+        kill_point("aggregator.commit_before_ack")
         self.connection.ack(message)
+        kill_point("aggregator.ack_before_receipt")
         self._publish([Outbound(self.topics.down(device), receipt)])
         if isinstance(decoded, messages.Update):
             self.ingest_s.append(time.perf_counter() - started)
+        if outbound:
+            kill_point("aggregator.before_announce")
         self._publish(outbound)
         if self.manager.done:
             self.finished.set()

@@ -14,6 +14,10 @@ from fedmask.strategies import TaskSpec, get_strategy
 DEFAULT_SCHEDULE: dict[str, Any] = {
     "rounds": 10,
     "quorum": 1,
+    # Without an explicit quorum a round waits for 80% of the devices expected for the task (those
+    # that joined it and those online), or its deadline: quorum 1 alone closed rounds on the first
+    # update, and most of a fleet never contributed.
+    "quorum_fraction": 0.8,
     "deadline_s": 120.0,
     "staleness_bound": 2,
     "max_payload": 128 * 1024,
@@ -39,9 +43,17 @@ def build_task(
         mask_config=full.mask_config,
         arch_kwargs=full.arch_kwargs,
         hyper=full.hyper,
-        schedule=messages.Schedule(**{**DEFAULT_SCHEDULE, **(schedule or {})}),
+        schedule=messages.Schedule(**_schedule(schedule or {})),
         created_at=time.time(),
     )
+
+
+def _schedule(given: dict[str, Any]) -> dict[str, Any]:
+    """The defaults under what the task gives; an explicit ``quorum`` alone means exactly that quorum."""
+    full = {**DEFAULT_SCHEDULE, **given}
+    if "quorum" in given and "quorum_fraction" not in given:
+        full["quorum_fraction"] = 0.0
+    return full
 
 
 def load_task_file(path: str | Path, fleet: str) -> messages.Task:

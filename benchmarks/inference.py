@@ -13,23 +13,31 @@ are measured in the same run:
 * peak RSS of a fresh process that loads the model and runs it (``VmHWM``), and its increase over
   the same process without a model (Python + numpy + runtime, measured once).
 
-Masks. ``--masks DIR`` takes real FedMask masks, ``DIR/<arch>.npz`` holding either ``mask`` (the
+Masks. By default the **real final masks of the accuracy benchmark's run** (``--from-run``, default
+``runs/bench-accuracy``): ``<run>/<workload>/seed-<seed>/final-masks-fedmask.npz`` holds every device's
+final mask, and the device of median density is measured (har_cnn: HMP; femnist_cnn: Fashion-MNIST
+shards; femnist_cnn_full: the same at width 1, from a run made with ``fedmask simulate --dataset
+fashion_mnist --partition shards --devices 10 --devices-per-round 5 --rounds 3 --arch-option width=1.0
+--transport inproc --output-dir runs/bench-accuracy/fashion_mnist_full/seed-0``). A model with no such
+run is skipped unless ``--synthetic``. ``--masks DIR`` takes mask files, ``DIR/<arch>.npz`` holding
+either ``mask`` (the
 flat bool vector ``MaskedNetwork.get_mask()`` returns) or one bool array per tensor named as in
 ``mask_layout()`` (``conv1.weight``, ...). Fine-tuning after FedMask changes the kept weights'
-values but not which are zero, so masks alone fix size and latency. Without ``--masks`` a
-**synthetic stand-in** is used until real masks are passed: layer l of L keeps a fraction
-``d_l`` of its weights, linear from ``--first-density`` (0.9, first layer) to ``--last-density``
-(0.1, classifier), the FedMask pattern of dense feature layers and sparse classifier layers. How
-that density is spread decides what compaction can remove, since only whole units go: a fraction
-``d_l ** unit_share`` of each layer's units (rows; an LSTM layer drops the same hidden units from
-its input and recurrent weights) is kept, and within kept units weights are kept with probability
-``d_l ** (1 - unit_share)``. ``--unit-share 1`` (default) is unit-level pruning (whole rows
-dropped), ``0`` scattered weight-level pruning (compaction then removes almost nothing). The
+values but not which are zero, so masks alone fix size and latency. ``--synthetic`` measures a
+**synthetic stand-in**, labelled as such in the table and JSON (an extra, never the headline): layer l
+of L keeps a fraction ``d_l`` of its weights, linear from ``--first-density`` (0.9, first layer) to
+``--last-density`` (0.1, classifier), the FedMask pattern of dense feature layers and sparse classifier
+layers. How that density is spread decides what compaction can remove, since only whole units go: a
+fraction ``d_l ** unit_share`` of each layer's units (rows; an LSTM layer drops the same hidden units
+from its input and recurrent weights) is kept, and within kept units weights are kept with probability
+``d_l ** (1 - unit_share)``. ``--unit-share 1`` (default) is unit-level pruning (whole rows dropped),
+``0`` scattered weight-level pruning (compaction then removes almost nothing). The
 classifier's rows are the model's outputs, so it is always pruned weight-level.
 
-    python benchmarks/inference.py                       # synthetic masks, all four models
-    python benchmarks/inference.py --unit-share 0.5      # half the sparsity from whole units
-    python benchmarks/inference.py --masks runs/masks    # real masks
+    python benchmarks/inference.py                       # real final masks of the accuracy run
+    python benchmarks/inference.py --synthetic           # synthetic masks, all four models
+    python benchmarks/inference.py --synthetic --unit-share 0.5   # half the sparsity from whole units
+    python benchmarks/inference.py --masks runs/masks    # mask files
     python benchmarks/inference.py --quick               # smoke run (200 runs x 1 round)
 
 Prints a table and writes ``<out>/inference.json``.
@@ -70,6 +78,8 @@ MODELS = {
     "har_cnn": BenchModel("har_cnn", 14, {}, "har"),  # HMP: 14 activities
     # Fashion-MNIST, the image workload of the accuracy benchmark: 10 classes (FEMNIST proper has 62).
     "femnist_cnn": BenchModel("femnist_cnn", 10, {"width": 0.25}, "image"),
+    # The same at full width, where the interpreter's fixed per-call cost does not dominate.
+    "femnist_cnn_full": BenchModel("femnist_cnn", 10, {"width": 1.0}, "image"),
     "conv4": BenchModel("conv4", 10, {}, "image"),
     "char_lstm_small": BenchModel("char_lstm_small", 81, {}, "text"),
 }
@@ -112,6 +122,25 @@ def synthetic_mask(
             f"synthetic mask has {flat.size} bits, {network.arch} expects {network.num_mask_bits}"
         )
     return flat
+
+
+# Which run of the accuracy benchmark holds a model's real final masks.
+RUN_WORKLOADS = {"har_cnn": "hmp", "femnist_cnn": "fashion_mnist", "femnist_cnn_full": "fashion_mnist_full"}
+
+
+def run_mask(network: MaskedNetwork, run: Path, name: str, seed: int) -> tuple[np.ndarray, str] | None:
+    """The final FedMask mask of the median-density device of ``run`` for model ``name``, or None."""
+    path = run / RUN_WORKLOADS.get(name, "-") / f"seed-{seed}" / "final-masks-fedmask.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        masks = {device: npz[device].astype(bool) for device in npz.files}
+    masks = {d: m for d, m in masks.items() if m.size == network.num_mask_bits}
+    if not masks:
+        raise ValueError(f"{path}: no mask matches {network.arch} ({network.num_mask_bits} bits)")
+    order = sorted(masks, key=lambda d: (masks[d].mean(), d))
+    device = order[len(order) // 2]
+    return masks[device], f"real ({path.parent.parent.name}, device {device}, median density of {len(masks)})"
 
 
 def load_mask(network: MaskedNetwork, path: Path) -> np.ndarray:
@@ -171,14 +200,24 @@ def invoke_floor_ms(args: argparse.Namespace, workdir: Path) -> float:
     return floor["floor"]["median_ms"]
 
 
-def bench_model(spec: BenchModel, args: argparse.Namespace, workdir: Path, baseline_rss: int) -> dict:
+def bench_model(
+    name: str, spec: BenchModel, args: argparse.Namespace, workdir: Path, baseline_rss: int
+) -> dict | None:
     network = build_model(spec.arch, args.seed, spec.num_classes, **spec.kwargs)
     if args.masks:
         mask = load_mask(network, Path(args.masks) / f"{spec.arch}.npz")
-        mask_source = "real"
-    else:
+        mask_source = f"mask file {Path(args.masks) / f'{spec.arch}.npz'}"
+    elif args.synthetic:
         mask = synthetic_mask(network, args.first_density, args.last_density, args.unit_share, args.seed)
         mask_source = "synthetic"
+    else:
+        found = run_mask(network, Path(args.from_run), name, args.seed)
+        if found is None:
+            logger.warning(
+                "%s: no final masks in %s; skipped (--synthetic measures a stand-in)", name, args.from_run
+            )
+            return None
+        mask, mask_source = found
     network.set_mask(mask)
     dense = network.to_plain()
     compacted, report = compact_with_report(dense, unit_multiple=args.unit_multiple)
@@ -198,6 +237,7 @@ def bench_model(spec: BenchModel, args: argparse.Namespace, workdir: Path, basel
     outputs = {name: rt.predict(x) for name, rt in runtimes.items()}
     latency = _latency(runtimes, x[:1], args.runs, args.rounds)
     result = {
+        "model": name,
         "arch": spec.arch,
         "kwargs": spec.kwargs,
         "family": spec.family,
@@ -288,12 +328,13 @@ def format_table(results: list[dict], baseline_rss: int) -> str:
     for r in results:
         for name, v in r["variants"].items():
             lines.append(
-                f"{r['arch']:<16}{name:<16}{r['density']:>8.3f}{v['median_ms']:>11.3f}{v['p90_ms']:>9.3f}"
+                f"{r['model']:<16}{name:<16}{r['density']:>8.3f}{v['median_ms']:>11.3f}{v['p90_ms']:>9.3f}"
                 f"{v['min_ms']:>9.3f}"
                 f"{v['file_bytes'] / 1024:>11.1f}{v['peak_rss_bytes'] / mib:>9.1f}"
                 f"{v['model_rss_bytes'] / mib:>11.1f}"
             )
         ratios = r["ratios"]
+        lines.append(f"{'':<16}mask: {r['mask']}")
         verdict = ""
         if r["family"] in ("har", "image"):
             met = ratios["speedup"] >= TARGET_SPEEDUP and ratios["size"] >= TARGET_SIZE_RATIO
@@ -319,7 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS)
     )
-    parser.add_argument("--masks", metavar="DIR", help="real masks: DIR/<arch>.npz (default: synthetic)")
+    parser.add_argument(
+        "--from-run",
+        default="runs/bench-accuracy",
+        metavar="DIR",
+        help="accuracy benchmark output whose real final masks are measured (the default source)",
+    )
+    parser.add_argument("--masks", metavar="DIR", help="mask files DIR/<arch>.npz instead of a run")
+    parser.add_argument("--synthetic", action="store_true", help="a labelled synthetic stand-in mask")
     parser.add_argument("--first-density", type=float, default=0.9, help="synthetic: first layer's density")
     parser.add_argument("--last-density", type=float, default=0.1, help="synthetic: classifier's density")
     parser.add_argument(
@@ -359,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         floor_ms = invoke_floor_ms(args, Path(tmp))
         for name in args.models.split(","):
             logger.info("benchmarking %s", name)
-            results.append(bench_model(MODELS[name], args, Path(tmp), baseline_rss))
+            result = bench_model(name, MODELS[name], args, Path(tmp), baseline_rss)
+            if result is not None:
+                results.append(result)
         int8_accuracy = int8_accuracy_on_hmp(args, Path(tmp)) if args.int8 else None
     print(format_table(results, baseline_rss))
     print(f"invoke floor (a 1x1 FULLY_CONNECTED model, same timing): {floor_ms:.4f} ms")

@@ -216,6 +216,7 @@ def bulk_load(store: Store, rounds: int, devices: int) -> None:
             aggregate = b"aggregate %d" % r
             c.execute(insert(Blob), [blob_row(p, opened) for p in [*payloads.values(), aggregate]])
             update = {
+                "task_pk": task_pk,
                 "round_pk": round_pk,
                 "base_round": r - 1,
                 "staleness": 0,

@@ -48,15 +48,24 @@ def federate_central(
     seed: int = 0,
     *,
     test_per_device: int | None = None,
+    max_train_per_device: int | None = None,
     meta: dict[str, Any] | None = None,
     **partition_options: Any,
 ) -> FederatedDataset:
     """Split ``data`` over ``num_devices`` devices; ``partition_options`` go to `split_train`.
 
+    ``max_train_per_device`` keeps a seeded random subset of a larger device's train samples (small runs).
+
     ``uint8`` images become ``float32`` in [0, 1] per device, so the full data set never exists
     twice in float form.
     """
     train_parts = split_train(data.y_train, partition, num_devices, seed, **partition_options)
+    if max_train_per_device is not None:  # a seeded subsample keeps each device's label mix
+        rng = np.random.default_rng(seed + 2)
+        train_parts = [
+            np.sort(rng.permutation(idx)[:max_train_per_device]) if len(idx) > max_train_per_device else idx
+            for idx in train_parts
+        ]
     if test_per_device is None:
         ratio = len(data.y_test) / len(data.y_train)
         test_sizes: list[int] | int = [round(len(idx) * ratio) for idx in train_parts]

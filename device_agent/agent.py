@@ -34,11 +34,12 @@ import numpy as np
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications
 from fedmask.protocol.errors import ProtocolError
+from fedmask.protocol.faults import kill_point
 from fedmask.protocol.mask_bases import STATE_PREFIX as MASK_STATE_PREFIX
 from fedmask.protocol.mask_bases import DeviceBases, plain
 from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.topics import Topics
-from fedmask.protocol.transport import MqttConnection, ReceivedMessage, Will
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError, Will
 from fedmask.strategies import ClientHalf, TaskSpec, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class AgentState:
         self.path = path
         self.task_id: str | None = None
         self.last_round = 0
-        self.finalized = False
+        self.finalize_requested = False  # the aggregator's finalize directive arrived
+        self.finalized = False  # the personalized model was sent
+        self.result_confirmed = False  # ... and the aggregator's receipt for it arrived
+        self.deadline_s: float | None = None  # the task's round deadline (how long to wait for answers)
         self.client_state: dict[str, np.ndarray] = {}
         self.mask_state: dict[str, np.ndarray] = {}  # DeviceBases.state_arrays()
         if path.exists():
@@ -101,10 +105,21 @@ class AgentState:
         self.task_id = meta.get("task_id")
         self.last_round = int(meta.get("last_round", 0))
         self.finalized = bool(meta.get("finalized", False))
+        # A file written before these keys existed: a finalized run there was a finished one.
+        self.finalize_requested = bool(meta.get("finalize_requested", self.finalized))
+        self.result_confirmed = bool(meta.get("result_confirmed", self.finalized))
+        self.deadline_s = meta.get("deadline_s")
 
     def save(self) -> None:
         meta = json.dumps(
-            {"task_id": self.task_id, "last_round": self.last_round, "finalized": self.finalized}
+            {
+                "task_id": self.task_id,
+                "last_round": self.last_round,
+                "finalize_requested": self.finalize_requested,
+                "finalized": self.finalized,
+                "result_confirmed": self.result_confirmed,
+                "deadline_s": self.deadline_s,
+            }
         )
         arrays = {STATE_PREFIX + k: v for k, v in self.client_state.items()}
         arrays.update(self.mask_state)
@@ -137,6 +152,8 @@ class DeviceAgent:
         train_lock: threading.Semaphore | None = None,
         latency_runs: int = 50,
         receipt_timeout_s: float | None = None,
+        receipt_attempts: int = 20,
+        identity_timeout_s: float = 15.0,
     ) -> None:
         self.fleet = fleet
         self.device_id = device_id
@@ -147,6 +164,10 @@ class DeviceAgent:
         self.train_lock = train_lock or threading.Semaphore(1)
         self.latency_runs = latency_runs
         self._receipt_timeout_s = receipt_timeout_s  # None: the task's deadline_s
+        # Publishes of one message without any answer before the agent gives up with an error: the
+        # aggregator is gone, or the broker drops what we publish (MQTT 3.1.1 does so silently).
+        self.receipt_attempts = receipt_attempts
+        self.identity_timeout_s = identity_timeout_s
         # Messages sent but not yet answered by a receipt or a rejection, by kind ("update" / "result"),
         # with the base round of an update; republished (same bytes) on a timer until answered.
         self._unconfirmed: dict[str, tuple[int, bytes]] = {}
@@ -162,6 +183,8 @@ class DeviceAgent:
         self.pending_round: messages.RoundAnnouncement | None = None
         self.final_body_seen = False  # the last round's aggregate arrived (round ``rounds + 1``)
         self.finalize_requested = False
+        self._early_directives: list[messages.Directive] = []  # arrived before the task
+        self._final_body_timer: threading.Timer | None = None
         self.reassembler = Reassembler()
         # Mask bases (from the state file at once, so the first announcement decodes); the task says
         # which codings the aggregator decodes.
@@ -173,13 +196,21 @@ class DeviceAgent:
         self._newest_round = 0
         self.bytes_sent = 0
         self.refused_task: str | None = None
-        self.finished = threading.Event()
-        offline = messages.Presence(fleet=fleet, device=device_id, status="offline", at=0.0)
+        self.finished = threading.Event()  # personalized model sent (or the agent failed: see error)
+        self.result_confirmed = threading.Event()  # ... and the aggregator's receipt arrived
+        self.error: str | None = None  # why the agent cannot go on (one line); finished is set too
+        # The time of the current connection: its will and its online presence both carry it, so a
+        # will published later wins over the online presence of the same connection (same time, later
+        # arrival) and loses to the next connection's.
+        self._connected_at = time.time()
+        self._presence_sent: bytes | None = None
+        self._presence_sent_at: float | None = None
+        self.identity_confirmed = threading.Event()  # our own presence came back from the broker
         self.connection = MqttConnection(
             broker,
             device_id,
             protocol=protocol,
-            will=Will(self.topics.state(device_id), messages.encode(offline)),
+            will=self._will,
             dispatch="worker",
             on_connect=self._announce_presence,
         )
@@ -189,8 +220,62 @@ class DeviceAgent:
     def start(self) -> DeviceAgent:
         for topic_filter in self.topics.device_filters(self.device_id):
             self.connection.subscribe(topic_filter, self._on_message)
+        # Our own retained presence, read back: proof that the broker takes what we publish as this
+        # device (a device id that is not the account's username is refused or, on MQTT 3.1.1,
+        # silently dropped). The ACL lets a device read its own state topic.
+        self.connection.subscribe(self.topics.state(self.device_id), self._on_own_presence)
         self.connection.connect()
+        if self.identity_timeout_s:
+            self._watch_identity()
+        if self.state.finalize_requested and not self.state.result_confirmed:
+            # Killed while finalizing: the task and last aggregate are retained, unless the broker lost
+            # them after the aggregator ended; then this deadline ends the wait.
+            self._watch_final_body()
         return self
+
+    def _watch_identity(self) -> None:
+        watchdog = threading.Timer(1.0, self._check_identity)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def fail(self, problem: str) -> None:
+        """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero."""
+        if self.error is None:
+            self.error = problem
+            logger.error("%s: %s", self.device_id, problem)
+        self.finished.set()
+        self.result_confirmed.set()
+
+    def _will(self) -> Will:
+        self._connected_at = time.time()
+        offline = messages.Presence(
+            fleet=self.fleet, device=self.device_id, status="offline", at=self._connected_at
+        )
+        return Will(self.topics.state(self.device_id), messages.encode(offline))
+
+    def _on_own_presence(self, message: ReceivedMessage) -> None:
+        if self._presence_sent is not None and bytes(message.payload) == self._presence_sent:
+            if not self.identity_confirmed.is_set():
+                logger.info("%s: the broker accepts our publishes as %s", self.device_id, self.device_id)
+            self.identity_confirmed.set()
+
+    def _check_identity(self) -> None:
+        if self.identity_confirmed.is_set() or self._stopped or self.error is not None:
+            return
+        # Judged on one connection that stayed up for the whole timeout (a broker restart resets it).
+        up_since = self._presence_sent_at
+        if (
+            not self.connection.connected
+            or up_since is None
+            or time.time() - up_since < self.identity_timeout_s
+        ):
+            self._watch_identity()
+            return
+        self.fail(
+            f"the broker did not deliver our own presence back within {self.identity_timeout_s:g} s: it "
+            f"refuses what we publish as {self.device_id!r} (is --device-id the MQTT username of the "
+            "credentials?)"
+        )
 
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
@@ -211,11 +296,13 @@ class DeviceAgent:
             fleet=self.fleet,
             device=self.device_id,
             status="online",
-            at=time.time(),
+            at=self._connected_at,
             capabilities={**self.capabilities, **self._mask_capabilities()},
         )
+        self._presence_sent = messages.encode(online)
+        self._presence_sent_at = time.time()
         self.connection.publish(
-            self.topics.state(self.device_id), messages.encode(online), retain=True, wait=False
+            self.topics.state(self.device_id), self._presence_sent, retain=True, wait=False
         )
 
     def _mask_capabilities(self) -> dict[str, Any]:
@@ -258,6 +345,13 @@ class DeviceAgent:
                     self._on_directive(decoded)
         except ProtocolError as exc:
             logger.warning("%s: ignored a message on %s: %s", self.device_id, message.topic, exc)
+        except TransportError as exc:
+            if "refused" in str(exc):  # MQTT 5: the broker will not take our messages, ever
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+            else:
+                logger.warning("%s: %s; republished later", self.device_id, exc)
+        except ImportError as exc:
+            self.fail(f"cannot train: {exc} (install PyTorch on this device)")
         except Exception:
             logger.exception("%s: failed to handle a message on %s", self.device_id, message.topic)
 
@@ -285,15 +379,27 @@ class DeviceAgent:
             logger.info(
                 "%s: resuming task %s after round %d", self.device_id, task.task_id, self.state.last_round
             )
-            if self.state.finalized:  # its personalized model was sent before: nothing left to do
+            if self.state.result_confirmed:  # its personalized model was received: nothing left to do
                 logger.info("%s: task %s already finalized", self.device_id, task.task_id)
                 self.finished.set()
+                self.result_confirmed.set()
+            elif self.state.finalize_requested:
+                # Killed after the finalize directive (while building or uploading the result): the
+                # directive was consumed, so finalize again from the retained last aggregate.
+                logger.info("%s: finalization was requested before the restart; resuming it", self.device_id)
+                self.finalize_requested = True
+                self._watch_final_body()
         else:
-            self.state.task_id, self.state.last_round, self.state.finalized = task.task_id, 0, False
+            self.state.task_id, self.state.last_round = task.task_id, 0
+            self.state.deadline_s = task.schedule.deadline_s
+            self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = False
             self.state.client_state = {}
             self.bases = DeviceBases(self.bases.codings)
             self.state.mask_state = {}
         logger.info("%s: joined task %s (%s on %s)", self.device_id, task.task_id, task.strategy, task.arch)
+        early, self._early_directives = self._early_directives, []
+        for directive in early:
+            self._on_directive(directive)
         if self.pending_round is not None:
             pending, self.pending_round = self.pending_round, None
             self._on_round(pending)
@@ -315,8 +421,19 @@ class DeviceAgent:
             self.final_body_seen = True
             if self.finalize_requested:
                 self._finalize()
+            elif announcement.deadline:
+                # The aggregator asks its participants to finalize until this deadline; a device it
+                # does not ask (it never contributed) stops then instead of waiting for ever.
+                wait_s = max(0.0, announcement.deadline - time.time()) + 10.0
+                timer = threading.Timer(wait_s, self._no_finalize, args=(announcement.task_id,))
+                timer.daemon = True
+                timer.start()
             return
-        if announcement.round <= self.state.last_round or self.state.finalized or announcement.round < newest:
+        if (
+            announcement.round <= self.state.last_round
+            or self.state.finalize_requested
+            or announcement.round < newest
+        ):
             return  # already answered (e.g. the retained announcement again after a reconnect), or old
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
@@ -349,7 +466,18 @@ class DeviceAgent:
         self._last_update = update
         payload = messages.encode(update)
         encoded = time.perf_counter()
-        self._send("update", round_no, payload)
+        try:
+            self._send("update", round_no, payload)
+        except TransportError as exc:
+            if "refused" in str(exc):
+                raise
+            # The broker is away: the update stays pending and its timer republishes it.
+            logger.warning(
+                "%s: publishing the round-%d update failed (%s); republished later",
+                self.device_id,
+                round_no,
+                exc,
+            )
         timing = UpdateTiming(trained - started, encoded - trained, time.perf_counter() - encoded)
         self.timings[round_no] = timing
         self.state.last_round = round_no
@@ -371,53 +499,83 @@ class DeviceAgent:
         """How long to wait for a receipt before republishing (default: the task's ``deadline_s``)."""
         if self._receipt_timeout_s is not None:
             return self._receipt_timeout_s
-        return self.task.schedule.deadline_s if self.task is not None else 60.0
+        if self.task is not None:
+            return self.task.schedule.deadline_s
+        return float(self.state.deadline_s) if self.state.deadline_s else 60.0
 
     def _send(self, kind: str, round_no: int, payload: bytes) -> None:
         """Publish and keep the message until the aggregator's receipt (republished on a timer)."""
         with self._unconfirmed_lock:
             self._unconfirmed[kind] = (round_no, payload)
-        self._publish(payload)
-        self._schedule_resend(kind, payload)
+        # The timer first: if publishing raises (broker away past the PUBACK timeout), it republishes.
+        self._schedule_resend(kind, payload, 1)
+        self._publish(payload, kind)
 
-    def _schedule_resend(self, kind: str, payload: bytes) -> None:
-        timer = threading.Timer(self.receipt_timeout_s, self._resend, args=(kind, payload))
+    def _schedule_resend(self, kind: str, payload: bytes, attempts: int) -> None:
+        timer = threading.Timer(self.receipt_timeout_s, self._resend, args=(kind, payload, attempts))
         timer.daemon = True
         timer.start()
 
-    def _resend(self, kind: str, payload: bytes) -> None:
+    def _resend(self, kind: str, payload: bytes, attempts: int) -> None:
         with self._unconfirmed_lock:
             pending = self._unconfirmed.get(kind)
             if pending is None or pending[1] is not payload or self._stopped:
                 return
+        if attempts >= self.receipt_attempts:
+            self.fail(
+                f"no receipt for its {kind} after {attempts} publishes over "
+                f"{attempts * self.receipt_timeout_s:.0f} s: the aggregator is not running, or the broker "
+                "drops our publishes (is --device-id the MQTT username of the credentials?)"
+            )
+            return
         logger.warning(
             "%s: no receipt for its %s after %.0fs; republishing",
             self.device_id,
             kind,
             self.receipt_timeout_s,
         )
+        self._schedule_resend(kind, payload, attempts + 1)
         try:
-            self._publish(payload)
+            self._publish(payload, kind)
+        except TransportError as exc:
+            if "refused" in str(exc):
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+            else:
+                logger.warning("%s: republishing failed (%s); will retry", self.device_id, exc)
         except Exception:
             logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
-        self._schedule_resend(kind, payload)
 
-    def _publish(self, payload: bytes) -> None:
-        for publication in publications(
+    def _publish(self, payload: bytes, kind: str = "update") -> None:
+        plan = publications(
             self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload
-        ):
+        )
+        kill_point(f"agent.{kind}.before_publish")
+        for i, publication in enumerate(plan):
             self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
             self.bytes_sent += len(publication.payload)
+            if i == 0 and len(plan) > 1:
+                kill_point(f"agent.{kind}.mid_chunk")
+        kill_point(f"agent.{kind}.after_publish")
 
     def _on_directive(self, directive: messages.Directive) -> None:
-        if self.task is None or directive.task_id != self.task.task_id:
+        # Directives queued in our session arrive before the retained task: judged against the task
+        # of the state file, or kept until the task is known.
+        current = self.task.task_id if self.task is not None else self.state.task_id
+        if directive.task_id != current:
+            if self.task is None and len(self._early_directives) < 16:
+                self._early_directives.append(directive)
             return
         if directive.kind == "finalize":
+            kill_point("agent.directive.received")
             self.finalize_requested = True
-            if self.final_body_seen:
+            if not self.state.finalize_requested:
+                self.state.finalize_requested = True  # a restart resumes finalization (not the rounds)
+                self.state.save()
+            if self.task is not None and self.final_body_seen:
                 self._finalize()
             else:  # the final announcement is retained and follows; finalize from it
                 logger.info("%s: finalize requested; waiting for the last aggregate", self.device_id)
+                self._watch_final_body()
             return
         if directive.kind == "rejected":
             logger.warning(
@@ -429,6 +587,17 @@ class DeviceAgent:
             )
             if directive.reason in BASE_REJECTIONS and self._resend_in_full(directive.round):
                 return
+        with self._unconfirmed_lock:
+            result_pending = "result" in self._unconfirmed
+        if directive.kind == "receipt" and directive.detail == "result" and not result_pending:
+            # The answer to the result an earlier run of ours sent before it was killed: it is stored.
+            if not self.state.result_confirmed:
+                logger.info("%s: the aggregator confirmed the model sent before the restart", self.device_id)
+                self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = True
+                self.state.save()
+            self.finished.set()
+            self.result_confirmed.set()
+            return
         self._confirm(directive)
         if directive.kind == "receipt" and directive.detail == "update":
             self.bases.confirm(directive.round)
@@ -447,6 +616,32 @@ class DeviceAgent:
         self._send("update", round_no, messages.encode(full))
         return True
 
+    def _watch_final_body(self) -> None:
+        """Finalization waits for the retained last aggregate, but not for ever: a broker that lost it
+        after the aggregator ended (its run complete) would leave us waiting for nothing."""
+        if self._final_body_timer is not None:
+            return
+        wait_s = self.receipt_attempts * self.receipt_timeout_s
+        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s,))
+        self._final_body_timer.daemon = True
+        self._final_body_timer.start()
+
+    def _no_final_body(self, waited_s: float) -> None:
+        if self.final_body_seen or self._stopped or self.finished.is_set():
+            return
+        self.fail(
+            f"finalization was requested but the last aggregate did not arrive within {waited_s:.0f} s: the "
+            "aggregator is not running (if it finished, it may already hold our model)"
+        )
+
+    def _no_finalize(self, task_id: str) -> None:
+        if self.finalize_requested or self._stopped or self.finished.is_set():
+            return
+        self.fail(
+            f"task {task_id} ended its rounds and its finalization deadline passed without asking this "
+            "device to finalize: no update of this device was accepted (it joined too late?)"
+        )
+
     def _confirm(self, directive: messages.Directive) -> None:
         """A receipt or rejection answers our pending message of that kind: stop republishing it.
 
@@ -461,13 +656,28 @@ class DeviceAgent:
             del self._unconfirmed[kind]
         if directive.kind == "receipt":
             self.receipts += 1
+            logger.info("%s: receipt for its %s of base round %d", self.device_id, kind, directive.round)
+        if kind == "result":
+            if directive.kind != "receipt":
+                self.fail(f"the aggregator refused our personalized model: {directive.reason}")
+                return
+            self.state.result_confirmed = True
+            self.state.save()
+            logger.info("%s: the aggregator confirmed our personalized model", self.device_id)
+            self.result_confirmed.set()
 
     def _finalize(self) -> None:
         from fedmask.device_agent.finalize import personalized_artifacts
 
         assert self.client is not None and self.task is not None
-        if self.state.finalized:
+        if self.state.result_confirmed:
             self.finished.set()
+            self.result_confirmed.set()
+            return
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get("result")
+        if pending is not None:  # sent and not yet answered (e.g. a repeated directive): same bytes again
+            self._publish(pending[1], "result")
             return
         with self.train_lock:
             final = self.client.finalize(self.global_body)
@@ -481,7 +691,12 @@ class DeviceAgent:
             weights=artifacts["weights"],
             tflite=artifacts["tflite"],
         )
-        self._send("result", self.task.schedule.rounds, messages.encode(result))
+        try:
+            self._send("result", self.task.schedule.rounds, messages.encode(result))
+        except TransportError as exc:
+            if "refused" in str(exc):
+                raise
+            logger.warning("%s: publishing the result failed (%s); republished later", self.device_id, exc)
         self.state.finalized = True
         self.state.save()
         logger.info(

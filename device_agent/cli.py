@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedmask.config import add_option
+from fedmask.config import ConfigError, RunError, add_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +63,13 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
     add_option(run, "--data", metavar="PATH", help="device data file (.npz from `fedmask data partition`)")
     add_option(run, "--state-dir", default=".fedmask-agent", help="where the agent keeps its state file")
     add_option(run, "--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_option(
+        run,
+        "--device-class",
+        metavar="NAME",
+        help="this device's class (e.g. pi_zero, jetson): a task may give each class its own model "
+        "budget (FedMask: unit_keep_by_class)",
+    )
     run.set_defaults(handler=_run_agent)
 
 
@@ -71,38 +78,72 @@ def _run_agent(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    log = logging.getLogger(__name__)
+    for flag, value, key in (("--device-id", args.device_id, "device_id"), ("--data", args.data, "data")):
+        if not value:
+            raise ConfigError(
+                f"agent run: {flag} is required; pass {flag} "
+                f"(or FEDMASK_{key.upper()}, or {key}: in --config)"
+            )
+    try:
+        import torch
+    except ImportError as exc:  # the agent trains with PyTorch: without it, it could only hang
+        raise RunError(
+            f"agent run: PyTorch is not installed ({exc}); the agent trains with it: install the "
+            "CPU build of torch for this platform, then `pip install fedmask[train]`"
+        ) from None
     from fedmask.datasets.federated import load_device
     from fedmask.device_agent.agent import DeviceAgent
     from fedmask.protocol.cli_options import broker_from_args
 
-    if not args.device_id or not args.data:
-        raise SystemExit("fedmask agent run: --device-id and --data are required")
+    broker = broker_from_args(args)
+    if broker.username and broker.username != args.device_id:
+        # The project's ACL pins a device to the topics of its own username: the broker would refuse
+        # every publish (presence, updates) of this agent, and it would wait forever for nothing.
+        raise ConfigError(
+            f"agent run: the MQTT credentials are for user {broker.username!r} but --device-id is "
+            f"{args.device_id!r}; a device's username is its id: use the credentials file "
+            f"`fedmask broker add-device --device {args.device_id}` wrote, or --device-id {broker.username}"
+        )
+    data = load_device(args.data)
+    if data.device_id != args.device_id:
+        raise ConfigError(
+            f"agent run: --device-id {args.device_id} but {args.data} holds the data of device "
+            f"{data.device_id!r}; pass --device-id {data.device_id} or that device's data file"
+        )
+    if args.device_class:
+        data.meta = {**data.meta, "device_class": args.device_class}
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker_from_args(args),
+        broker,
         args.fleet,
         args.device_id,
-        load_device(args.data),
+        data,
         state_dir=args.state_dir,
         protocol=args.mqtt_protocol,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    agent.start()
     try:
+        agent.start()
+    except Exception as exc:  # TransportError: refused login, no broker...
+        raise SystemExit(f"fedmask agent run: {exc}") from None
+    try:
+        # Until the personalized model is sent, then until the aggregator confirmed it: the agent
+        # republishes it meanwhile and gives up (agent.error) after its receipt attempts.
         while not stop.is_set() and not agent.finished.wait(1.0):
+            pass
+        while not stop.is_set() and not agent.result_confirmed.wait(1.0):
             pass
     finally:
         agent.stop()
+    if agent.error is not None:
+        raise SystemExit(f"fedmask agent run: {args.device_id}: {agent.error}")
     from fedmask.device_agent.inference import peak_rss_bytes
 
-    logging.getLogger(__name__).info(
-        "agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20
-    )
+    log.info("agent %s done; peak RSS %.1f MiB", args.device_id, peak_rss_bytes() / 2**20)
     return 0
 
 

@@ -229,9 +229,12 @@ class Reassembler:
     ``accept`` returns the complete payload (an unwrapped one at once, a chunked one with its last
     frame), ``None`` while frames are missing (or for an empty payload, i.e. a cleared retained
     message), and raises ``ProtocolError`` for a frame it refuses. Memory is bounded: the declared
-    size of every pending message counts against ``max_pending_bytes`` from its first frame; a
-    message idle for ``timeout_s`` expires (``missing_chunk``, reported to ``on_expired`` and the
-    log). Not thread-safe: call it from one thread (the transport's handler thread).
+    size of every pending message counts against ``max_pending_bytes`` from its first frame, and
+    against its sender's own ``max_pending_bytes_per_sender`` (default: one largest message): a
+    sender over its own budget supersedes its oldest pending messages, so one sender can never take
+    the budget every other sender shares; a message idle for ``timeout_s`` expires (``missing_chunk``,
+    reported to ``on_expired`` and the log). Not thread-safe: call it from one thread (the transport's
+    handler thread).
     """
 
     def __init__(
@@ -241,6 +244,7 @@ class Reassembler:
         max_pending: int = 64,
         max_pending_bytes: int = 256 * 1024 * 1024,
         max_pending_per_sender: int = 4,
+        max_pending_bytes_per_sender: int | None = None,
         timeout_s: float = 120.0,
         remember_completed: int = 4096,
         clock: Callable[[], float] = time.monotonic,
@@ -250,6 +254,9 @@ class Reassembler:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_per_sender = max_pending_per_sender
+        self.max_pending_bytes_per_sender = (
+            max_message_size if max_pending_bytes_per_sender is None else max_pending_bytes_per_sender
+        )
         self.timeout_s = timeout_s
         self.remember_completed = remember_completed
         self.clock = clock
@@ -326,9 +333,25 @@ class Reassembler:
                 Rejection.OVERSIZE,
                 f"message {msg_id} from {sender} declares {frame.size} bytes, limit {self.max_message_size}",
             )
-        own = [k for k in self._pending if k[0] == sender]
+        if frame.size > self.max_pending_bytes_per_sender:
+            raise ProtocolError(
+                Rejection.OVERSIZE,
+                f"message {msg_id} from {sender} declares {frame.size} bytes, more than a sender may have "
+                f"pending ({self.max_pending_bytes_per_sender})",
+            )
+        own = [k for k in self._pending if k[0] == sender]  # oldest first
         if len(own) >= self.max_pending_per_sender:
-            self._drop(own[0], f"superseded: {sender} has more than {self.max_pending_per_sender} pending")
+            self._drop(
+                own.pop(0), f"superseded: {sender} has more than {self.max_pending_per_sender} pending"
+            )
+        # The sender's own budget: its newest message supersedes its oldest, never anyone else's.
+        held = sum(self._pending[k].size for k in own)
+        while own and held + frame.size > self.max_pending_bytes_per_sender:
+            oldest = own.pop(0)
+            held -= self._pending[oldest].size
+            self._drop(
+                oldest, f"superseded: {sender} is over its {self.max_pending_bytes_per_sender} byte budget"
+            )
         if len(self._pending) >= self.max_pending or self._reserved + frame.size > self.max_pending_bytes:
             raise ProtocolError(
                 Rejection.REASSEMBLY_FULL,

@@ -225,6 +225,9 @@ class Schedule:
     deadline_s: float
     staleness_bound: int
     max_payload: int
+    # A round also waits for this share of the task's expected devices (its participants so far and
+    # the devices online), rounded up; 0 (the v1 default): ``quorum`` alone decides.
+    quorum_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _set(self, "rounds", _int(self.rounds, "schedule.rounds", minimum=1))
@@ -236,16 +239,21 @@ class Schedule:
             "max_payload",
             _int(self.max_payload, "schedule.max_payload", minimum=MIN_PAYLOAD, maximum=MQTT_MAX_PAYLOAD),
         )
+        fraction = _real(self.quorum_fraction, "schedule.quorum_fraction", minimum=0.0)
+        if fraction > 1.0:
+            raise ProtocolError(Rejection.BAD_VALUE, f"schedule.quorum_fraction must be <= 1, got {fraction}")
+        _set(self, "quorum_fraction", fraction)
 
     @classmethod
     def from_wire(cls, raw: object, path: str = "task.schedule") -> Schedule:
         if not isinstance(raw, dict):
             raise _wrong_type(path, "a map", raw)
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in raw]
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in raw]
         if missing:
             raise ProtocolError(Rejection.MISSING_FIELD, f"{path} lacks {', '.join(missing)}")
-        return cls(**{name: raw[name] for name in names})
+        return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 @dataclass(frozen=True, kw_only=True)

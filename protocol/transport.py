@@ -121,7 +121,7 @@ class MqttConnection:
         protocol: str = "5",
         keepalive_s: int = 30,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
         manual_ack: bool = False,
         dispatch: str = "worker",
         reconnect_min_delay_s: int = 1,
@@ -169,7 +169,9 @@ class MqttConnection:
 
     # --- setup ------------------------------------------------------------------------------------
 
-    def _make_client(self, will: Will | None, min_delay: int, max_delay: int) -> mqtt.Client:
+    def _make_client(
+        self, will: Will | Callable[[], Will] | None, min_delay: int, max_delay: int
+    ) -> mqtt.Client:
         kwargs = {"clean_session": False} if self.protocol == "3.1.1" else {}
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -190,7 +192,14 @@ class MqttConnection:
                 cert_reqs=ssl.CERT_REQUIRED,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        if will is not None:
+        if callable(will):
+            # A will made afresh before every (re)connection, e.g. carrying the connection's time.
+            def refresh_will(client, userdata) -> None:
+                fresh = will()
+                client.will_set(fresh.topic, fresh.payload, qos=fresh.qos, retain=fresh.retain)
+
+            client.on_pre_connect = refresh_will
+        elif will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from fedmask.protocol import mask_bases, messages
 from fedmask.protocol.chunking import wire_size
 from fedmask.protocol.mask_coding import CONTEXT, conditional_entropy_bits
 from fedmask.simulator.config import SimulationConfig
+from fedmask.simulator.model_stats import device_stats, summarize, tflite_speedup
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
 from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
 from fedmask.strategies.base import Body
@@ -128,10 +130,13 @@ class InProcessRun:
         self.device_bases = {d: mask_bases.DeviceBases(codings) for d in device_ids}
         result = MethodResult(strategy=spec.strategy, params_per_update=params_per_update(server))
         body = server.initial_body()
-        for round_no in range(1, cfg.rounds + 1):
+        # A strategy without federated rounds (the FT-only ablation) sends nothing at all.
+        rounds = cfg.rounds if strategy.federated else 0
+        everyone = cfg.devices_per_round if strategy.samples_devices else None
+        for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
             _, global_body = self._announce(round_no, body)
-            participants = select_devices(device_ids, cfg.devices_per_round, spec.seed, round_no)
+            participants = select_devices(device_ids, everyone, spec.seed, round_no)
             timings = dict.fromkeys(("train", "encode", "aggregate"), 0.0)
             updates, uplink, losses, densities = [], 0, [], []
             downlink, down_entropy, down_params, shared = 0, 0.0, 0, {}
@@ -195,7 +200,7 @@ class InProcessRun:
                 density=float(np.mean(densities)) if densities else None,
                 timings=timings,
             )
-            if cfg.eval_every and (round_no % cfg.eval_every == 0 or round_no == cfg.rounds):
+            if cfg.eval_every and (round_no % cfg.eval_every == 0 or round_no == rounds):
                 # Personalized accuracy as each device would end now (before the next merge).
                 _, latest = self._announce(round_no + 1, body)
                 record.accuracy_mean = weighted_accuracy([clients[d].evaluate(latest) for d in device_ids])
@@ -212,20 +217,50 @@ class InProcessRun:
                 progress(
                     spec.strategy,
                     round_no,
-                    cfg.rounds,
+                    rounds,
                     {"acc": record.accuracy_mean, "loss": record.train_loss},
                 )
-        _, final_body = self._announce(cfg.rounds + 1, body)
+        _, final_body = self._announce(rounds + 1, body)
+        by_id = {d.device_id: d for d in self.data.devices}
+        stats = {}
         for device_id, client in clients.items():
             final = client.finalize(final_body)
             self.finals[device_id] = final
+            stats[device_id] = device_stats(final.model, by_id[device_id])
             result.devices.append(
                 DeviceResult(
                     device_id=device_id,
                     accuracy=final.evaluation.accuracy,
                     num_test=final.evaluation.num_samples,
-                    metrics=final.metrics,
+                    metrics={
+                        **final.metrics,
+                        "density": stats[device_id]["density"],
+                        "compacted_params_ratio": stats[device_id]["compacted_params_ratio"],
+                        "dead_classes": len(stats[device_id]["dead_classes"]),
+                    },
                 )
             )
         result.wall_s = time.perf_counter() - started
+        self._save_masks()
+        self._measure_tflite(stats, by_id, seed=spec.seed)
+        result.extra.update(summarize(stats))
         return result
+
+    def _save_masks(self) -> None:
+        """Every device's final mask, for the inference benchmark (``final-masks-<strategy>.npz``)."""
+        masks = {d: f.mask for d, f in self.finals.items() if f.mask is not None}
+        if masks:
+            out = Path(self.config.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out / f"final-masks-{self.spec.strategy}.npz", **masks)
+
+    def _measure_tflite(self, stats: dict, by_id: dict, seed: int) -> None:
+        """TFLite latency, dense vs compacted, on a seeded sample of devices whose model compacts at all."""
+        limit = self.config.tflite_devices
+        candidates = sorted(d for d, s in stats.items() if s["compacted_params_ratio"] > 1.0)
+        if not limit or not candidates:
+            return
+        rng = np.random.default_rng(derive_seed(seed, "tflite-sample"))
+        chosen = sorted(rng.choice(candidates, size=min(limit, len(candidates)), replace=False))
+        for device_id in chosen:
+            stats[device_id]["tflite"] = tflite_speedup(self.finals[device_id].model, by_id[device_id])

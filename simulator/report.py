@@ -97,7 +97,8 @@ def plot(document: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
         ax.set_title(f"{document['dataset']} ({document['partition']})")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():  # a method without rounds (the FT-only ablation) draws nothing
+            ax.legend()
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=120)

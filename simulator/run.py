@@ -10,7 +10,7 @@ from typing import Any
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.report import write_report
 from fedmask.simulator.results import MethodResult
-from fedmask.strategies import TaskSpec
+from fedmask.strategies import TaskSpec, get_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ def run_simulation(config: SimulationConfig, progress: bool | None = None) -> di
         **config.dataset_kwargs,
     )
     arch = config.arch or WORKLOADS[config.dataset].architecture
+    for index, device in enumerate(data.devices):  # what a device agent's --device-class says
+        if config.device_classes:
+            device.meta = {
+                **device.meta,
+                "device_class": config.device_classes[index % len(config.device_classes)],
+            }
     logger.info(
         "loaded %s (%s): %d devices in %.1fs",
         config.dataset,
@@ -81,7 +87,8 @@ def run_simulation(config: SimulationConfig, progress: bool | None = None) -> di
     try:
         for strategy in config.strategies:
             spec = task_spec(config, strategy, arch, data.num_classes)
-            if config.transport == "inproc":
+            # A strategy with no federated rounds has nothing to send: it runs in process on any transport.
+            if config.transport == "inproc" or not get_strategy(strategy).federated:
                 from fedmask.simulator.inproc import InProcessRun
 
                 methods[strategy] = InProcessRun(config, data, spec).run(bar)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmask.config import ConfigError, add_option
+from fedmask.config import ConfigError, RunError, add_option
 
 if TYPE_CHECKING:
     from fedmask.storage.store import Store
@@ -282,16 +282,25 @@ def _models_export(args: argparse.Namespace) -> int:
     return _run(args, export)
 
 
+def database_url(value: str) -> Any:
+    """``--db`` parsed (psycopg for PostgreSQL); a malformed or unsupported URL is a ``ConfigError``."""
+    from fedmask.storage import StorageError
+    from fedmask.storage.engine import normalize_url
+
+    try:
+        return normalize_url(value)
+    except StorageError as exc:
+        raise ConfigError(f"--db: {exc}; e.g. sqlite:///fedmask.db or postgresql://USER@HOST/DB") from exc
+
+
 def _run(args: argparse.Namespace, action: Any, *, must_exist: bool = True) -> int:
-    """Open the store named by --db, run ``action`` on it, turn storage errors into exit code 1."""
+    """Open the store named by --db and run ``action`` on it; storage errors become ``RunError`` (exit 1)."""
     from sqlalchemy.exc import OperationalError
 
     from fedmask.storage import StorageError, Store
-    from fedmask.storage.engine import normalize_url
 
-    url = None
+    url = database_url(args.db)
     try:
-        url = normalize_url(args.db)
         if must_exist and url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
             raise StorageError(
                 f"SQLite database {url.database} does not exist; "
@@ -302,10 +311,12 @@ def _run(args: argparse.Namespace, action: Any, *, must_exist: bool = True) -> i
                 store.check_schema()
             action(store)
     except StorageError as exc:
-        logger.error("%s", exc)
-        return 1
+        raise RunError(str(exc)) from exc
     except OperationalError as exc:
-        where = url.render_as_string(hide_password=True) if url is not None else args.db
-        logger.error("database %s: %s", where, str(exc.orig).strip())
-        return 1
+        where = url.render_as_string(hide_password=True)
+        cause = " ".join(str(exc.orig).split())
+        raise RunError(
+            f"database {where}: {cause}; check --db (or FEDMASK_DB) and that the database server is "
+            "running and accepts this user"
+        ) from exc
     return 0

@@ -127,12 +127,18 @@ class Round(Base):
 
 
 class Update(Base):
-    """An accepted update. At most one per (round, device): this is what makes ingest idempotent."""
+    """An accepted update. At most one per (round, device), and at most one per (task, device, base
+    round) across every round of the task: a stale update republished while a later round is open is
+    the same update, not a new one. Together these make ingest idempotent."""
 
     __tablename__ = "updates"
-    __table_args__ = (UniqueConstraint("round_pk", "device_pk"),)
+    __table_args__ = (
+        UniqueConstraint("round_pk", "device_pk"),
+        UniqueConstraint("task_pk", "device_pk", "base_round"),
+    )
 
     id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     round_pk: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
     device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
     base_round: Mapped[int] = mapped_column(Integer)

@@ -24,7 +24,8 @@ class HotStatements:
     round_for_update: Select
     # Parameters: the Blob columns. Inserts once per SHA-256; restores the bytes of a pruned blob.
     put_blob: Insert
-    # Parameters: the Update columns. Returns the new id, or no row if (round, device) already exists.
+    # Parameters: the Update columns. Returns the new id, or no row if (round, device) or (task, device,
+    # base round) already exists.
     insert_update: Insert
     # Parameters: device_pk, now. Moves last_seen_at forward only.
     touch_device: Update
@@ -55,7 +56,7 @@ def hot_statements(dialect_name: str) -> HotStatements:
             index_elements=[Blob.sha256], set_={"data": blob.excluded.data}, where=Blob.data.is_(None)
         ),
         insert_update=dialect_insert(dialect_name, UpdateRow)
-        .on_conflict_do_nothing(index_elements=[UpdateRow.round_pk, UpdateRow.device_pk])
+        .on_conflict_do_nothing()
         .returning(UpdateRow.id),
         touch_device=update(Device)
         .where(Device.id == bindparam("device_pk"), Device.last_seen_at < bindparam("now"))

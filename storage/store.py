@@ -248,9 +248,10 @@ class Store:
     ) -> bool:
         """Store an accepted update and commit before returning True.
 
-        Returns False, changing nothing, when (task, round, device) is already stored: the broker
-        redelivered it. Raises RoundClosedError for a new update to a closed round. A device not seen
-        before is registered in the task's fleet: an update is proof it exists.
+        Returns False, changing nothing, when (task, round, device) or (task, device, base round) is
+        already stored: the broker redelivered it, or the device republished it while a later round was
+        open (see :meth:`find_update`). Raises RoundClosedError for a new update to a closed round. A
+        device not seen before is registered in the task's fleet: an update is proof it exists.
         """
         validation.name(device_id, "device_id")
         validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
@@ -278,7 +279,12 @@ class Store:
                 if round_row.state != "open":
                     raise RoundClosedError(f"round {round_no} of task {task_id!r} is closed; update refused")
                 digest = put_blob(connection, payload, now)
-                row = {"round_pk": round_row.id, "device_pk": device_pk, "payload_sha256": digest}
+                row = {
+                    "task_pk": task.pk,
+                    "round_pk": round_row.id,
+                    "device_pk": device_pk,
+                    "payload_sha256": digest,
+                }
                 row.update(payload_bytes=len(payload), received_at=now, **values)
                 # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING.
                 if connection.execute(hot.insert_update, row).first() is None:
@@ -324,6 +330,36 @@ class Store:
                     topic=None if topic is None else str(topic)[:512],
                     payload_size=payload_size,
                     received_at=now,
+                )
+            )
+
+    def find_update(self, task_id: str, device_id: str, base_round: int) -> tuple[int, str] | None:
+        """Where the update of ``device_id`` trained from ``base_round`` is stored, in any round of the
+        task: ``(round_no, payload_sha256)``, or None. The idempotency key of an update."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            row = connection.execute(
+                select(Round.round_no, Update.payload_sha256)
+                .join(Round, Round.id == Update.round_pk)
+                .join(Device, Device.id == Update.device_pk)
+                .where(
+                    Update.task_pk == task.pk,
+                    Device.device_id == device_id,
+                    Update.base_round == base_round,
+                )
+            ).one_or_none()
+            return None if row is None else (row.round_no, row.payload_sha256)
+
+    def task_participants(self, task_id: str) -> set[str]:
+        """Devices with at least one accepted update in any round of the task: the ones that joined it."""
+        with read_transaction(self._engine) as connection:
+            task = self._task(connection, task_id)
+            return set(
+                connection.scalars(
+                    select(Device.device_id)
+                    .join(Update, Update.device_pk == Device.id)
+                    .where(Update.task_pk == task.pk)
+                    .distinct()
                 )
             )
 

@@ -18,14 +18,14 @@ def registry() -> dict[str, Strategy]:
     """Every strategy by name (imported lazily: building the registry pulls in torch)."""
     from fedmask.strategies.bnn import BnnFedAvg
     from fedmask.strategies.fedavg import FedAvg, FedAvgFineTune
-    from fedmask.strategies.fedmask import FedMask
+    from fedmask.strategies.fedmask import FedMask, FineTuneOnly
     from fedmask.strategies.fedpm import FedPM
     from fedmask.strategies.lgfedavg import LgFedAvg
     from fedmask.strategies.local import LocalOnly
     from fedmask.strategies.perfedavg import PerFedAvg, PerFedAvgHF
     from fedmask.strategies.topk import TopK
 
-    strategies: list[Strategy] = [FedMask(), FedAvg(), FedAvgFineTune(), LocalOnly()]
+    strategies: list[Strategy] = [FedMask(), FineTuneOnly(), FedAvg(), FedAvgFineTune(), LocalOnly()]
     strategies += [TopK(), BnnFedAvg(), PerFedAvg(), PerFedAvgHF(), LgFedAvg(), FedPM()]
     return {s.name: s for s in strategies}
 

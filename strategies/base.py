@@ -158,6 +158,8 @@ class Strategy(abc.ABC):
     name: str = ""
     description: str = ""
     defaults: ClassVar[dict[str, Any]] = {}  # the strategy's own hyperparameter defaults over DEFAULT_HYPER
+    federated: ClassVar[bool] = True  # False: no rounds at all, devices only finalize (an ablation)
+    samples_devices: ClassVar[bool] = True  # False: every device trains every round (needs no network)
 
     def effective_hyper(self, spec: TaskSpec) -> dict[str, Any]:
         """Every hyperparameter this strategy will use for ``spec`` (what a task message carries)."""

@@ -22,11 +22,11 @@ from fedmask.strategies.base import (
     Strategy,
     TaskSpec,
 )
-from fedmask.strategies.model_client import ModelClient
+from fedmask.strategies.model_client import FINETUNE_DEFAULTS, FINETUNE_KEYS, ModelClient
 from fedmask.strategies.model_factory import build_for
 from fedmask.strategies.training import derive_seed
 
-DEFAULTS = {"lr": 0.05, "momentum": 0.9, "finetune_epochs": 5, "finetune_lr": 0.01}
+DEFAULTS = {"lr": 0.05, "momentum": 0.9, "finetune_lr": 0.01, **FINETUNE_DEFAULTS}
 
 
 def hyper(spec: TaskSpec, key: str):
@@ -70,7 +70,7 @@ class FedAvgClient(ModelClient):
 
     def __init__(self, spec: TaskSpec, data, *, fine_tune: bool) -> None:
         super().__init__(spec, data)
-        self.fine_tune = fine_tune
+        self.finetunes = fine_tune
 
     def fit(self, global_body: DecodedBody | None, round_no: int) -> FitResult:
         self.receive(global_body)
@@ -85,12 +85,10 @@ class FedAvgClient(ModelClient):
 
     def finalize(self, global_body: DecodedBody | None) -> FinalModel:
         self.receive(global_body)
-        epochs = int(hyper(self.spec, "finetune_epochs")) if self.fine_tune else 0
-        if epochs > 0:
-            self.train(
+        if self.finetunes:
+            self.fine_tune(
                 sgd(self.model, self.spec, hyper(self.spec, "finetune_lr")),
-                epochs=epochs,
-                seed=derive_seed(self.device_seed, "finetune"),
+                {k: hyper(self.spec, k) for k in FINETUNE_KEYS},
             )
         return FinalModel(model=self.model, evaluation=self.test())
 

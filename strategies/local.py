@@ -48,6 +48,7 @@ class LocalClient(ModelClient):
 class LocalOnly(Strategy):
     name = "local"
     description = "no federation: each device trains its own dense model"
+    samples_devices = False  # it needs no network, so no device waits for its turn
     defaults = DEFAULTS  # the same optimizer as FedAvg, so a task message carries what in-process uses
 
     def server(self, spec: TaskSpec) -> ServerHalf:

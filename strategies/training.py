@@ -34,14 +34,19 @@ def train_epochs(
     seed: int,
     extra_loss: ExtraLoss | None = None,
     after_step: Callable[[], None] | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Minibatch training; the shuffling order depends only on ``seed`` (reproducible across runs)."""
+    """Minibatch training; the shuffling order depends only on ``seed`` (reproducible across runs).
+
+    ``class_weights`` (one per class) weight the cross-entropy, e.g. ``balanced_class_weights``.
+    """
     xt, yt = as_tensors(x, y)
     n = len(yt)
     if n == 0:
         return {"loss": 0.0, "train_accuracy": 0.0}
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
@@ -62,6 +67,17 @@ def train_epochs(
             correct += int((logits.detach().argmax(1) == yb).sum())
             seen += len(yb)
     return {"loss": total_loss / seen, "train_accuracy": correct / seen}
+
+
+def balanced_class_weights(y: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
+    """``(n / (k * n_c)) ** power`` for the ``k`` classes present (absent classes weigh 1): with power 1
+    every present class weighs the same in total, so a class with a handful of samples is not ignored."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    if present.any():
+        weights[present] = (counts.sum() / (present.sum() * counts[present])) ** power
+    return weights
 
 
 @torch.no_grad()

@@ -63,7 +63,14 @@ def test_dev_config_is_loopback_only_and_production_refuses_anonymous():
     dev = named_config("dev").read_text()
     assert all(line.split()[2] == "127.0.0.1" for line in dev.splitlines() if line.startswith("listener "))
     prod = named_config("production").read_text()
-    assert option_values(prod, "allow_anonymous") == ["false"]
+    assert option_values(prod, "allow_anonymous") == ["false", "false", "false"]
+    # Each listener its own accounts: the devices', the aggregator's, the health probe's.
+    assert option_values(prod, "per_listener_settings") == ["true"]
+    assert [Path(p).name for p in option_values(prod, "password_file")] == [
+        "fedmask.passwd",
+        "fedmask-aggregator.passwd",
+        "fedmask-health.passwd",
+    ]
     # Every listener but the loopback health listener is TLS (has a certfile in its section).
     sections = prod.split("\nlistener ")[1:]
     plain = [s.split("\n", 1)[0] for s in sections if "\ncertfile " not in s]

@@ -59,19 +59,36 @@ def start(config_text: str, workdir: Path, port: int) -> MosquittoProcess:
     return process
 
 
+def per_listener(text: str, name: str, values: list[str]) -> str:
+    """Give the n-th line setting ``name`` the n-th value (one per listener, in file order)."""
+    remaining = list(values)
+    out = []
+    for line in text.splitlines():
+        if line.split(None, 1)[:1] == [name]:
+            line = f"{name} {remaining.pop(0)}"
+        out.append(line)
+    assert not remaining, f"fewer {name} lines than values"
+    return "\n".join(out) + "\n"
+
+
 @pytest.fixture
 def production(tmp_path, certificates):
-    passwd = tmp_path / "passwd"
-    write_password_file(passwd, {user: hash_password(f"pw-{user}") for user in USERS})
+    # One password file per listener, as production.conf names them: devices, aggregator, health.
+    accounts = {"devices": ("dev-1", "dev-2"), "aggregator": ("aggregator",), "health": ("health",)}
+    files = []
+    for listener, users in accounts.items():
+        passwd = tmp_path / f"{listener}.passwd"
+        write_password_file(passwd, {user: hash_password(f"pw-{user}") for user in users})
+        files.append(str(passwd))
     ports = {8883: free_loopback_port(), 8884: free_loopback_port(), 1883: free_loopback_port()}
     text = remap_listeners(configs.NAMED_CONFIGS["production"].read_text(), ports, host="127.0.0.1")
+    text = per_listener(text, "password_file", files)
     text = set_options(
         text,
         {
             "cafile": str(certificates / "ca.crt"),
             "certfile": str(certificates / "broker.crt"),
             "keyfile": str(certificates / "broker.key"),
-            "password_file": str(passwd),
             "acl_file": str(configs.ACL_FILE),
             "persistence_location": f"{tmp_path}/",
             "log_dest": "stderr",
@@ -157,6 +174,34 @@ def test_worker_port_keeps_client_ids_so_aggregator_workers_coexist(production, 
     tls_probe(production, mqtt_probe, "aggregator", port=production.worker_port, client_id="worker-0")
     workers[0].wait_until(lambda: workers[0].disconnects > 0, 5.0, "takeover")
     assert workers[1].disconnects == 0
+
+
+def test_only_the_aggregator_account_logs_in_on_the_aggregator_listener(production, mqtt_probe):
+    """A device account with the aggregator's client id used to kick the aggregator off this listener
+    (and its persistent session, queued updates included, was thrown away)."""
+    aggregator = tls_probe(
+        production, mqtt_probe, "aggregator", port=production.worker_port, client_id="fedmask-aggregator-a"
+    )
+    for client_id in ("fedmask-aggregator-a", "anything"):
+        intruder = tls_probe(
+            production,
+            mqtt_probe,
+            "dev-1",
+            port=production.worker_port,
+            client_id=client_id,
+            expect_refusal=True,
+        )
+        assert intruder.connack.is_failure, client_id
+    assert not aggregator.publish("fedmask/v1/fleet-a/round", b"r").is_failure
+    assert aggregator.disconnects == 0
+
+
+def test_only_the_health_account_logs_in_on_the_plaintext_listener(production, mqtt_probe):
+    """Device (and aggregator) accounts cannot log in unencrypted: no update travels in the clear."""
+    for user in ("dev-1", "aggregator"):
+        probe = mqtt_probe(production, user, port=production.health_port, expect_refusal=True)
+        assert probe.connack.is_failure, user
+    assert not mqtt_probe(production, "health", port=production.health_port).connack.is_failure
 
 
 def test_health_probe_reads_uptime_on_the_loopback_listener(production, mqtt_probe):

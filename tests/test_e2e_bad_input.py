@@ -246,9 +246,11 @@ def test_bad_input_is_rejected_specifically_and_the_aggregator_keeps_serving(har
     refused("missing_chunk", lambda: None, directive=False, detail=msg_id)
     refused("oversize", frame("aaaa000000000003", 0, 2, 64 * 2**20 + 1), directive=False)
 
-    def flood() -> None:  # declared sizes are reserved up front: 4 x 64 MiB is the whole budget
+    def flood() -> None:
+        # Declared sizes are reserved up front, at most 64 MiB per sender (one sender's fifth partial
+        # message only supersedes its own): four senders holding 64 MiB each are the whole budget.
         for i in range(4):
-            h.publish(frame(f"bbbb00000000000{i}", 0, 2, 64 * 2**20))
+            h.publish(frame(f"bbbb00000000000{i}", 0, 2, 64 * 2**20), f"flood-{i}")
         h.publish(frame("cccc000000000000", 0, 2, 64 * 2**20), "dev-b")
 
     refused("reassembly_full", flood, device="dev-b", directive=False)

@@ -261,3 +261,24 @@ def test_retained_message_that_fits_clears_earlier_chunks() -> None:
         Publication("t/round/chunk/0", b"", True),
         Publication("t/round/chunk/1", b"", True),
     ]
+
+
+def test_one_sender_cannot_take_the_budget_every_sender_shares() -> None:
+    """Four partial messages declaring 64 MiB each from one device used to fill the whole shared
+    budget, and every other device's chunked message was refused (reassembly_full) for minutes."""
+    reassembler = Reassembler()  # the defaults the aggregator runs with
+    flood = [
+        msgpack.packb(
+            {"v": 1, "type": "chunk", "id": f"flood{i:011d}", "index": 0, "count": 2, "size": 64 * 2**20,
+             "total_sha256": bytes(32), "data": b"x"},
+            use_bin_type=True,
+        )
+        for i in range(4)
+    ]  # fmt: skip
+    for frame in flood:
+        assert reassembler.accept("dev-greedy", frame) is None
+    assert reassembler.pending_bytes <= 64 * 2**20  # its own budget: each new one superseded the last
+    payload = os.urandom(9000)
+    frames = split(payload, 2048)
+    results = [reassembler.accept("dev-honest", f) for f in frames]
+    assert results[-1] == payload

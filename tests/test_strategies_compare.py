@@ -117,7 +117,7 @@ def test_linked_settings_and_costs_in_a_real_run():
     methods = workload["methods"]
     assert list(methods) == config.strategies
     # The envelope estimate is what an empty update (local training) really costs on the wire.
-    updates = config.rounds * config.devices_per_round
+    updates = config.rounds * len(data.devices)  # local trains every device every round (no network)
     local_bits = 8 * methods["local"]["uplink_bytes_total"] / updates / workload["params"]
     plain_metrics = ("loss", "train_accuracy")
     local_envelope = compare.envelope_bits_per_param(config, data, workload["params"], plain_metrics)

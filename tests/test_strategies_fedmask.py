@@ -94,8 +94,9 @@ def test_decoupled_sparsity_step_pulls_each_layer_at_its_depth_rate():
 
 
 def test_a_one_class_device_keeps_a_live_network():
-    """Regression: with the penalty inside Adam, a device whose task loss reached zero pruned whole layers
-    to nothing within two rounds and its model answered every input with all-zero logits."""
+    """Regression: with the penalty inside Adam and no guard, a device whose task loss reached zero pruned
+    whole layers to nothing within two rounds and its model answered every input with all-zero logits.
+    The unit floor (models.structure) now keeps every kept unit and every class row alive."""
     from fedmask.datasets.federated import DeviceData
 
     rng = np.random.default_rng(0)
@@ -106,5 +107,9 @@ def test_a_one_class_device_keeps_a_live_network():
     for round_no in (1, 2, 3):
         client.fit(None, round_no)
     densities = client.model.layer_densities()
-    assert min(densities.values()) > 0.05, densities
+    assert min(densities.values()) > 0.005, densities
+    classifier = dict(client.model.layers())["fc2"].score_mask("weight")
+    assert bool(classifier.any(dim=1).all()), "every class row keeps weights"
     assert client.evaluate(None).accuracy == 1.0
+    with torch.no_grad():
+        assert float(client.model(torch.from_numpy(x[192:])).abs().max()) > 0

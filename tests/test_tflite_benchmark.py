@@ -107,10 +107,30 @@ def test_a_quick_run_writes_consistent_json(bench, tmp_path, capsys) -> None:
     assert "dense/compacted" in capsys.readouterr().out
     summary = json.loads((tmp_path / "inference.json").read_text())
     (result,) = summary["results"]
-    assert result["mask"] == "real"
+    assert result["mask"].startswith("mask file")
     dense, compacted = result["variants"]["dense"], result["variants"]["compacted"]
     assert result["ratios"]["size"] == pytest.approx(dense["file_bytes"] / compacted["file_bytes"])
     assert compacted["file_bytes"] < dense["file_bytes"]
     assert dense["runs"] >= 200 and dense["min_ms"] <= dense["median_ms"] <= dense["p90_ms"]
     assert result["max_abs_diff_compacted_vs_dense"] < 1e-4
     assert dense["peak_rss_bytes"] > summary["baseline_rss_bytes"]
+
+
+def test_default_source_is_the_real_final_masks_of_an_accuracy_run(bench, tmp_path, capsys) -> None:
+    """The median-density device's mask from <run>/hmp/seed-0/final-masks-fedmask.npz is what runs."""
+    network = build_model("har_cnn", 0, 14)
+    run = tmp_path / "run"
+    (run / "hmp" / "seed-0").mkdir(parents=True)
+    masks = {
+        f"d{i}": bench.synthetic_mask(network, 0.9, d, 1.0, seed=i) for i, d in enumerate((0.1, 0.3, 0.6))
+    }
+    np.savez(run / "hmp" / "seed-0" / "final-masks-fedmask.npz", **masks)
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--models", "har_cnn,femnist_cnn", "--quick", "--from-run", str(run), "--out", str(tmp_path)]
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads((tmp_path / "inference.json").read_text())["results"]  # femnist_cnn: no run
+    assert result["mask"].startswith("real (hmp, device d1, median density of 3)")
+    assert result["density"] == pytest.approx(masks["d1"].mean())
