@@ -173,6 +173,13 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--max-payload", config.max_payload)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    from fedmask.protocol.mask_coding import FULL, MASK_CODINGS
+
+    unknown = [c for c in config.mask_codings if c not in MASK_CODINGS]
+    if unknown or FULL not in config.mask_codings:
+        raise ConfigError(
+            f"mask_codings must include {FULL!r} and only {list(MASK_CODINGS)}, got {config.mask_codings}"
+        )
     if not config.strategies:
         raise ConfigError("--strategy: name at least one strategy")
     strategies = registry()

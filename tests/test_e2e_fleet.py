@@ -184,7 +184,6 @@ def test_update_bytes_on_the_wire_match_the_codec(fleet_run: FleetRun) -> None:
         for r in range(1, ROUNDS + 1)
         for s in fleet_run.store.round_detail(task_id, r).updates
     }
-    against_bases = 0
     for seen in updates:
         key = (seen.device, seen.message.round)
         # A mask travels coded against the device's previous upload and the consensus when that is
@@ -194,13 +193,13 @@ def test_update_bytes_on_the_wire_match_the_codec(fleet_run: FleetRun) -> None:
             np.testing.assert_array_equal(kept.body[name].array, entry.array)
         contexts = [entry.context for entry in seen.message.body.values()]
         if any(context is not None for context in contexts):
-            against_bases += any(c is not None and c.prev is not None for c in contexts)
             assert len(seen.payload) < len(stored[key].payload), key
         else:
             assert seen.payload == stored[key].payload, key
         assert seen.wire_bytes == wire_size(seen.payload, MAX_PAYLOAD)
         assert summaries[key].payload_bytes == len(stored[key].payload)
-    assert against_bases > 0
+    # (Whether masks went coded against bases depends on FedMask's defaults: they do when that is
+    # smaller; tests/test_e2e_mask_coding.py makes sure they do.)
     # Dense early masks compress into one payload; the others travel as frames, whose headers count.
     assert any(seen.frames > 1 for seen in updates)
     for agent in fleet_run.agents:  # everything the agent counted, updates and result, went through
