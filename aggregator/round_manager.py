@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -120,6 +121,9 @@ class RoundManager:
         self.outcome: str | None = None  # once done: "complete", or a one-line account of what is missing
         self.max_extensions = int(task.hyper.get("max_round_extensions", 10))
         self.timings: dict[int, RoundTiming] = {}  # rounds this process opened or resumed
+        # How an announced body travels: (round, body) -> body to encode (the service codes masks
+        # against what the devices hold, aggregator.mask_books); by default as it is.
+        self.encode_body: Callable[[int, Any], Any] = lambda round_no, body: body
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class RoundManager:
             task_id=self.task.task_id,
             round=self.current.number,
             deadline=self.current.deadline,
-            body=self.global_body,
+            body=self.encode_body(self.current.number, self.global_body),
         )
         return Outbound(self.topics.round, messages.encode(msg), retain=True)
 
@@ -214,7 +218,7 @@ class RoundManager:
             task_id=self.task.task_id,
             round=self.schedule.rounds + 1,
             deadline=self.finalize_deadline,
-            body=self.global_body,
+            body=self.encode_body(self.schedule.rounds + 1, self.global_body),
         )
         return Outbound(self.topics.round, messages.encode(msg), retain=True)
 

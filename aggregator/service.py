@@ -14,16 +14,22 @@ republishes its message (same bytes) until it has a receipt, and the store is id
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 
+import msgpack
+
+from fedmask.aggregator.mask_books import StoredBases, refused_update
 from fedmask.aggregator.round_manager import Outbound, RoundManager
 from fedmask.protocol import messages
-from fedmask.protocol.chunking import Reassembler, publications
+from fedmask.protocol.chunking import Reassembler, publications, wire_size
 from fedmask.protocol.errors import ProtocolError, Rejection
 from fedmask.protocol.faults import kill_point
+from fedmask.protocol.mask_bases import plain
+from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage
@@ -48,7 +54,14 @@ class AggregatorService:
     ) -> None:
         self.fleet = fleet
         self.topics = Topics(fleet)
+        if not task.codings:  # tell the devices which mask codings we decode
+            task = dataclasses.replace(task, codings=list(MASK_CODINGS))
         self.manager = RoundManager(fleet, task, store)
+        # Masks coded against what each side holds (uplink bases per device, announced bodies).
+        self.bases = StoredBases(store, task.task_id)
+        self.manager.encode_body = lambda round_no, body: self.bases.announcement(
+            round_no, body, self.manager.known_devices
+        )
         self.max_payload = task.schedule.max_payload
         self.tick_s = tick_s
         self.shared_group = shared_group
@@ -70,6 +83,12 @@ class AggregatorService:
         # answered), and per round announcement published: what `benchmarks/wire.py` reports.
         self.ingest_s: list[float] = []
         self.announce_s: list[float] = []
+        # Wire bytes (frames included) of each accepted update by (device, round), and of each round's
+        # announcement (retained, last published) and the per-device copies of it: the store keeps
+        # updates in full coding, so these are what the simulator's MQTT transport counts.
+        self.update_wire_bytes: dict[tuple[str, int], int] = {}
+        self.announcement_wire_bytes: dict[int, int] = {}
+        self.copy_wire_bytes: dict[int, int] = {}
         self.connection = MqttConnection(
             broker,
             client_id or f"fedmask-aggregator-{fleet}",
@@ -154,6 +173,8 @@ class AggregatorService:
                 self.published_bytes += len(publication.payload)
             if item.topic == self.topics.round:
                 self.announce_s.append(time.perf_counter() - started)
+                round_no = msgpack.unpackb(item.payload, raw=False).get("round")
+                self.announcement_wire_bytes[round_no] = sum(len(p.payload) for p in plan)
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -190,6 +211,9 @@ class AggregatorService:
                     if presence.device != device:
                         raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
                     outbound = self.manager.on_presence(device, presence)
+                    if presence.status == "online":  # (an offline will carries no capabilities)
+                        self.bases.on_presence(device, presence.capabilities)
+                        self._send_copy(device)
             except ProtocolError as exc:
                 self.manager.reject(
                     exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
@@ -197,6 +221,32 @@ class AggregatorService:
                 outbound = []
             self.connection.ack(message)
             self._publish(outbound)
+
+    def _send_copy(self, device: str) -> None:
+        """A device that cannot decode the retained announcement (it lacks its base) gets its own copy,
+        coded against the consensus it holds or in full, on its downlink."""
+        manager = self.manager
+        if manager.finalizing:
+            round_no, deadline = manager.schedule.rounds + 1, manager.finalize_deadline
+        elif manager.current is not None:
+            round_no, deadline = manager.current.number, manager.current.deadline
+        else:
+            return
+        if not self.bases.needs_copy(device, round_no):
+            return
+        copy = messages.RoundAnnouncement(
+            fleet=self.fleet,
+            task_id=manager.task.task_id,
+            round=round_no,
+            deadline=deadline,
+            body=self.bases.copy_for(device, manager.global_body),
+        )
+        logger.info("%s lacks the base of round %d's announcement: sending it its own copy", device, round_no)
+        payload = messages.encode(copy)
+        self.copy_wire_bytes[round_no] = self.copy_wire_bytes.get(round_no, 0) + wire_size(
+            payload, self.max_payload
+        )
+        self._publish([Outbound(self.topics.down(device), payload)])
 
     def _on_up(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -234,15 +284,25 @@ class AggregatorService:
                 (messages.Update, messages.Result),
                 fleet=self.fleet,
                 max_elements=self.max_elements,
+                bases=self.bases.uplink_bases(device),
             )
         except ProtocolError as exc:
             decision = self.manager.reject(
                 exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload)
             )
-            receipt = self._receipt(decision, round_no=0, detail="")
+            # A mask coded against a base we lack: name the update, so the device resends it in full.
+            round_no, detail = refused_update(payload, exc.reason)
+            receipt = self._receipt(decision, round_no=round_no, detail=detail)
         else:
             if isinstance(decoded, messages.Update):
-                decision, outbound = self.manager.on_update(device, decoded, payload, message.topic)
+                # Stored in full coding: the store's payloads decode without any base.
+                stored = payload
+                if any(c.context is not None for c in decoded.body.values()):
+                    stored = messages.encode(dataclasses.replace(decoded, body=plain(decoded.body)))
+                decision, outbound = self.manager.on_update(device, decoded, stored, message.topic)
+                if decision.accepted:
+                    self.bases.accept(device, decoded.round, decoded.body)
+                    self.update_wire_bytes[(device, decoded.round)] = wire_size(payload, self.max_payload)
                 receipt = self._receipt(decision, round_no=decoded.base_round, detail="update")
             else:
                 decision = self.manager.on_result(device, decoded, payload, message.topic)

@@ -11,12 +11,15 @@ retained state topic (its last will flips that to offline), and reacts to three 
   model with the TFLite runtime and publishes the result.
 
 The state file (``<state_dir>/<device>.npz``, arrays only) makes a restart resume where it stopped: it
-skips rounds it already answered and keeps the strategy's local state (FedMask's scores, ...).
+skips rounds it already answered and keeps the strategy's local state (FedMask's scores, ...), and the
+mask bases (``protocol.mask_bases``): the last consensus it decoded and its last accepted upload, so
+its masks keep travelling coded against them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications
 from fedmask.protocol.errors import ProtocolError
 from fedmask.protocol.faults import kill_point
+from fedmask.protocol.mask_bases import STATE_PREFIX as MASK_STATE_PREFIX
+from fedmask.protocol.mask_bases import DeviceBases, plain
+from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError, Will
 from fedmask.strategies import ClientHalf, TaskSpec, get_strategy
@@ -39,6 +46,17 @@ from fedmask.strategies import ClientHalf, TaskSpec, get_strategy
 logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state__"
+# Rejections that mean "the aggregator cannot use the base this mask was coded against".
+BASE_REJECTIONS = ("missing_base", "stale_base", "base_mismatch", "bad_mask_digest")
+
+
+def announced_round(payload: bytes) -> int:
+    """The round number of an announcement that decoded up to its masks (checksum verified)."""
+    try:
+        value = msgpack.unpackb(payload, raw=False).get("round")
+    except Exception:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def spec_from_task(task: messages.Task) -> TaskSpec:
@@ -74,6 +92,7 @@ class AgentState:
         self.result_confirmed = False  # ... and the aggregator's receipt for it arrived
         self.deadline_s: float | None = None  # the task's round deadline (how long to wait for answers)
         self.client_state: dict[str, np.ndarray] = {}
+        self.mask_state: dict[str, np.ndarray] = {}  # DeviceBases.state_arrays()
         if path.exists():
             self._load()
 
@@ -83,6 +102,7 @@ class AgentState:
             self.client_state = {
                 k[len(STATE_PREFIX) :]: data[k] for k in data.files if k.startswith(STATE_PREFIX)
             }
+            self.mask_state = {k: data[k] for k in data.files if k.startswith(MASK_STATE_PREFIX)}
         self.task_id = meta.get("task_id")
         self.last_round = int(meta.get("last_round", 0))
         self.finalized = bool(meta.get("finalized", False))
@@ -103,6 +123,7 @@ class AgentState:
             }
         )
         arrays = {STATE_PREFIX + k: v for k, v in self.client_state.items()}
+        arrays.update(self.mask_state)
         tmp = self.path.with_suffix(".tmp.npz")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, meta=np.array(meta), **arrays)
@@ -166,6 +187,14 @@ class DeviceAgent:
         self._early_directives: list[messages.Directive] = []  # arrived before the task
         self._final_body_timer: threading.Timer | None = None
         self.reassembler = Reassembler()
+        # Mask bases (from the state file at once, so the first announcement decodes); the task says
+        # which codings the aggregator decodes.
+        self.bases = DeviceBases()
+        self.bases.load_state_arrays(self.state.mask_state)
+        self._last_update: messages.Update | None = None
+        # The newest round announced, even one we could not decode yet (we lack its mask base and
+        # wait for our own copy): an older announcement still queued in our session is not trained on.
+        self._newest_round = 0
         self.bytes_sent = 0
         self.refused_task: str | None = None
         self.finished = threading.Event()  # personalized model sent (or the agent failed: see error)
@@ -283,13 +312,18 @@ class DeviceAgent:
             device=self.device_id,
             status="online",
             at=self._connected_at,
-            capabilities=self.capabilities,
+            capabilities={**self.capabilities, **self._mask_capabilities()},
         )
         self._presence_sent = messages.encode(online)
         self._presence_sent_at = time.time()
         self.connection.publish(
             self.topics.state(self.device_id), self._presence_sent, retain=True, wait=False
         )
+
+    def _mask_capabilities(self) -> dict[str, Any]:
+        """Which mask codings we decode, and which consensus we hold (so we get a copy if we lack it)."""
+        held = self.bases.consensus_ref
+        return {"mask_codings": list(MASK_CODINGS), "consensus": None if held is None else held.to_wire()}
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -302,9 +336,28 @@ class DeviceAgent:
             if route.kind == "task":
                 self._on_task(messages.decode(payload, messages.Task, fleet=self.fleet))
             elif route.kind == "round":
-                self._on_round(messages.decode(payload, messages.RoundAnnouncement, fleet=self.fleet))
+                bases = self.bases.announcement_bases()
+                try:
+                    announcement = messages.decode(
+                        payload, messages.RoundAnnouncement, fleet=self.fleet, bases=bases
+                    )
+                except ProtocolError as exc:
+                    if exc.reason.value in BASE_REJECTIONS:  # our own copy follows on our downlink
+                        self._newest_round = max(self._newest_round, announced_round(payload))
+                    raise
+                self._on_round(announcement)
             elif route.kind == "down":
-                self._on_directive(messages.decode(payload, messages.Directive, fleet=self.fleet))
+                # A directive, or our own copy of an announcement we could not decode (base missing).
+                decoded = messages.decode(
+                    payload,
+                    (messages.Directive, messages.RoundAnnouncement),
+                    fleet=self.fleet,
+                    bases=self.bases.announcement_bases(),
+                )
+                if isinstance(decoded, messages.RoundAnnouncement):
+                    self._on_round(decoded)
+                else:
+                    self._on_directive(decoded)
         except ProtocolError as exc:
             logger.warning("%s: ignored a message on %s: %s", self.device_id, message.topic, exc)
         except TransportError as exc:
@@ -334,6 +387,7 @@ class DeviceAgent:
             return
         self.task, self.spec = task, spec
         self.client = get_strategy(spec.strategy).client(spec, self.data)
+        self.bases.codings = tuple(task.codings) or ("bits",)
         if self.state.task_id == task.task_id:
             if self.state.client_state:
                 self.client.load_state_dict(self.state.client_state)
@@ -355,6 +409,8 @@ class DeviceAgent:
             self.state.deadline_s = task.schedule.deadline_s
             self.state.finalize_requested = self.state.finalized = self.state.result_confirmed = False
             self.state.client_state = {}
+            self.bases = DeviceBases(self.bases.codings)
+            self.state.mask_state = {}
         logger.info("%s: joined task %s (%s on %s)", self.device_id, task.task_id, task.strategy, task.arch)
         early, self._early_directives = self._early_directives, []
         for directive in early:
@@ -372,6 +428,9 @@ class DeviceAgent:
         self.rounds_seen.append(announcement.round)
         body = announcement.body
         self.global_body = None if body is None else {k: c.array for k, c in body.items()}
+        self.bases.received(announcement.round, body)
+        self.state.mask_state = self.bases.state_arrays()
+        newest, self._newest_round = self._newest_round, max(self._newest_round, announcement.round)
         if announcement.round > self.task.schedule.rounds:
             # The aggregate of the last round: nothing to train, but the model is finalized from it.
             self.final_body_seen = True
@@ -385,8 +444,12 @@ class DeviceAgent:
                 timer.daemon = True
                 timer.start()
             return
-        if announcement.round <= self.state.last_round or self.state.finalize_requested:
-            return  # already answered (e.g. the retained announcement again after a reconnect)
+        if (
+            announcement.round <= self.state.last_round
+            or self.state.finalize_requested
+            or announcement.round < newest
+        ):
+            return  # already answered (e.g. the retained announcement again after a reconnect), or old
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
                 "%s: round %d is long past its deadline; waiting for the next",
@@ -413,8 +476,9 @@ class DeviceAgent:
             base_round=round_no,
             num_samples=fit.num_samples,
             metrics={k: float(v) for k, v in fit.metrics.items()},
-            body=fit.body,
+            body=self.bases.uplink(fit.body, round_no),
         )
+        self._last_update = update
         payload = messages.encode(update)
         encoded = time.perf_counter()
         try:
@@ -433,6 +497,7 @@ class DeviceAgent:
         self.timings[round_no] = timing
         self.state.last_round = round_no
         self.state.client_state = self.client.state_dict()
+        self.state.mask_state = self.bases.state_arrays()
         self.state.save()
         logger.info(
             "%s: sent its update for round %d (%d bytes; train %.0f ms, encode %.1f ms, publish %.1f ms)",
@@ -535,6 +600,8 @@ class DeviceAgent:
                 directive.round,
                 directive.reason,
             )
+            if directive.reason in BASE_REJECTIONS and self._resend_in_full(directive.round):
+                return
         with self._unconfirmed_lock:
             result_pending = "result" in self._unconfirmed
         if directive.kind == "receipt" and directive.detail == "result" and not result_pending:
@@ -547,6 +614,22 @@ class DeviceAgent:
             self.result_confirmed.set()
             return
         self._confirm(directive)
+        if directive.kind == "receipt" and directive.detail == "update":
+            self.bases.confirm(directive.round)
+            self.state.mask_state = self.bases.state_arrays()
+            self.state.save()
+
+    def _resend_in_full(self, round_no: int) -> bool:
+        """The aggregator lacks the base our update was coded against: send it again in full coding."""
+        update = self._last_update
+        if update is None or update.base_round != round_no:
+            return False
+        self.bases.forget_accepted()
+        full = dataclasses.replace(update, body=plain(update.body))
+        self._last_update = full
+        logger.info("%s: resending its update of round %d in full coding", self.device_id, round_no)
+        self._send("update", round_no, messages.encode(full))
+        return True
 
     def _watch_final_body(self) -> None:
         """Finalization waits for the retained last aggregate, but not for ever: a broker that lost it

@@ -34,6 +34,12 @@ class Rejection(str, Enum):
     MISSING_CHUNK = "missing_chunk"
     CHUNK_MISMATCH = "chunk_mismatch"
     REASSEMBLY_FULL = "reassembly_full"
+    UNKNOWN_CODING = "unknown_coding"
+    # a mask coded against a base (``mctx``, protocol.mask_coding) that this side cannot use
+    MISSING_BASE = "missing_base"
+    STALE_BASE = "stale_base"
+    BASE_MISMATCH = "base_mismatch"
+    BAD_MASK_DIGEST = "bad_mask_digest"
     # --- detected by the aggregator against its state (reserved here, raised there) -------------
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_MISMATCH = "device_mismatch"

@@ -28,7 +28,14 @@ import msgpack
 import numpy as np
 
 from fedmask.protocol.errors import ProtocolError, Rejection
-from fedmask.protocol.tensor_codec import MAX_ELEMENTS, CodecError, Coded, decode_coded_body, encode_body
+from fedmask.protocol.tensor_codec import (
+    MAX_ELEMENTS,
+    BodyBases,
+    CodecError,
+    Coded,
+    decode_coded_body,
+    encode_body,
+)
 from fedmask.protocol.topics import validate_id
 
 PROTOCOL_VERSION = 1
@@ -282,7 +289,9 @@ class Message:
         return out
 
     @classmethod
-    def from_wire(cls, raw: dict[str, Any], *, max_elements: int = MAX_ELEMENTS) -> Message:
+    def from_wire(
+        cls, raw: dict[str, Any], *, max_elements: int = MAX_ELEMENTS, bases: BodyBases | None = None
+    ) -> Message:
         """Build the message from a verified wire map (``decode`` calls this after the checksum)."""
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -292,16 +301,16 @@ class Message:
                 continue
             value = raw[f.name]
             if f.name in cls.BODY_FIELDS and value is not None:
-                value = _decode_body(value, f"{cls.TYPE}.{f.name}", max_elements)
+                value = _decode_body(value, f"{cls.TYPE}.{f.name}", max_elements, bases)
             elif f.name == "schedule":
                 value = Schedule.from_wire(value)
             kwargs[f.name] = value
         return cls(**kwargs)
 
 
-def _decode_body(raw: object, path: str, max_elements: int) -> Body:
+def _decode_body(raw: object, path: str, max_elements: int, bases: BodyBases | None = None) -> Body:
     try:
-        return decode_coded_body(raw, max_elements=max_elements)
+        return decode_coded_body(raw, max_elements=max_elements, bases=bases)
     except CodecError as exc:
         raise ProtocolError(Rejection(exc.reason), f"{path}: {exc.detail}") from exc
 
@@ -325,6 +334,8 @@ class Task(Message):
     # Keyword arguments of the zoo constructor (width, input shape...); a device needs them to build
     # the same network the digest was computed on.
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Mask codings the aggregator decodes (protocol.mask_coding); absent or empty: "bits" only.
+    codings: list[str] = field(default_factory=list)
 
     def _validate(self) -> None:
         p = self._path
@@ -340,6 +351,9 @@ class Task(Message):
         )
         _set(self, "mask_config", _plain_map(self.mask_config, p("mask_config")))
         _set(self, "arch_kwargs", _plain_map(self.arch_kwargs, p("arch_kwargs")))
+        if not isinstance(self.codings, (list, tuple)):
+            raise _wrong_type(p("codings"), "a list of coding names", self.codings)
+        _set(self, "codings", [validate_id(c, p("codings")) for c in self.codings])
         _set(self, "hyper", _hyper(self.hyper, p("hyper")))
         if not isinstance(self.schedule, Schedule):
             raise _wrong_type(p("schedule"), "a Schedule", self.schedule)
@@ -605,6 +619,7 @@ def decode(
     max_size: int = ...,
     fleet: str | None = ...,
     max_elements: int = ...,
+    bases: BodyBases | None = ...,
 ) -> M: ...
 
 
@@ -616,6 +631,7 @@ def decode(
     max_size: int = ...,
     fleet: str | None = ...,
     max_elements: int = ...,
+    bases: BodyBases | None = ...,
 ) -> Message: ...
 
 
@@ -626,12 +642,15 @@ def decode(
     max_size: int = DEFAULT_MAX_MESSAGE,
     fleet: str | None = None,
     max_elements: int = MAX_ELEMENTS,
+    bases: BodyBases | None = None,
 ) -> Message:
     """Decode and fully validate one message; any fault raises ``ProtocolError(reason, detail)``.
 
     ``expected``: the message class(es) this topic carries (others are ``unexpected_type``).
     ``max_size``: bytes of the whole payload. ``fleet``: the receiver's fleet (others are ``wrong_fleet``).
     ``max_elements``: elements a body may declare in total; pass the model's parameter count.
+    ``bases``: entry name -> lookup of the masks this side holds, to decode ``mctx`` masks (see
+    ``protocol.mask_coding``); without it such a mask is refused as ``missing_base``.
     Checks run in this order: size, msgpack, map, version, checksum, type, fleet, fields.
     """
     raw = _unpack(payload, max_size)
@@ -653,4 +672,4 @@ def decode(
     sender_fleet = validate_id(_require(raw, "fleet", str, "a string"), f"{cls.TYPE}.fleet")
     if fleet is not None and sender_fleet != fleet:
         raise ProtocolError(Rejection.WRONG_FLEET, f"message for fleet {sender_fleet!r}, this is {fleet!r}")
-    return cls.from_wire(raw, max_elements=max_elements)
+    return cls.from_wire(raw, max_elements=max_elements, bases=bases)

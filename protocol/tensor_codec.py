@@ -14,6 +14,13 @@ Codings
 
 A coded array is a msgpack map ``{"c": coding, "s": shape, "z": compressed?, "d": bytes}``.
 
+A ``bits`` array whose :class:`Coded` carries a ``context`` (the bases the receiver holds, see
+``protocol.mask_coding``) may instead travel as ``{"c": "mctx", "s": shape, "d": bytes, "h": digest,
+"p": [round, digest] | nil, "q": [round, digest] | nil}``: coded against those bases, whichever of the
+two is smaller. The receiver decodes it with a lookup of the bases it holds and gets the plain
+``bits`` array back (its ``Coded.context`` names the bases used). An unknown ``c`` is refused as
+``unknown_coding``.
+
 Decoding never trusts a declared size: shapes are checked (in Python integers, so they cannot wrap)
 against ``max_elements`` before anything is allocated, and compressed data is inflated only up to the
 size its shape implies. Callers that know the model should pass its parameter count as
@@ -23,12 +30,17 @@ size its shape implies. Callers that know the model should pass its parameter co
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedmask.protocol import mask_coding
+from fedmask.protocol.mask_coding import BaseLookup, MaskCodingError, MaskContext, MaskRef
+
 CODINGS = ("bits", "f32", "f16", "topk", "i64")
+# Wire-only codings: they decode to one of CODINGS (``mctx`` to ``bits``).
+WIRE_CODINGS = (*CODINGS, mask_coding.CONTEXT)
 # Hard cap on the elements one array may declare, so a hostile shape cannot make us allocate without bound.
 MAX_ELEMENTS = 1 << 28
 # numpy refuses more than 64 dimensions; no layer needs more than a handful.
@@ -53,6 +65,9 @@ class Coded:
 
     array: np.ndarray
     coding: str
+    # ``bits`` only: the bases the receiver holds (a MaskContext), so the array may travel coded against
+    # them; on a decoded array, the bases it was coded against. Never part of equality.
+    context: MaskContext | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.coding not in CODINGS:
@@ -123,11 +138,36 @@ def _unvarints(data: bytes, count: int) -> np.ndarray:
     return values
 
 
+def _encode_mctx(arr: np.ndarray, context: MaskContext, full_size: int) -> dict | None:
+    """The ``mctx`` map of a mask if it is smaller than the full coding's ``full_size`` data bytes."""
+    flat = np.ascontiguousarray(arr, dtype=bool).reshape(-1)
+    usable = context.usable(flat.size)
+    data = mask_coding.encode_mask(flat, usable)
+    refs = [None if b is None else b.ref.to_wire() for b in (usable.prev, usable.side)]
+    # what the extra keys cost on the wire: digest (1 + 8 + 1 key) and each ref (~13 bytes + key)
+    overhead = 12 + sum(14 if r is not None else 2 for r in refs)
+    if len(data) + overhead >= full_size:
+        return None
+    return {
+        "c": mask_coding.CONTEXT,
+        "s": list(arr.shape),
+        "d": data,
+        "h": mask_coding.mask_digest(flat),
+        "p": refs[0],
+        "q": refs[1],
+    }
+
+
 def encode_array(coded: Coded) -> dict:
     """Code one array as a msgpack-ready map."""
     arr = np.asarray(coded.array)
     shape = list(arr.shape)
-    if coded.coding == "bits":
+    if coded.coding == "bits" and coded.context is not None:
+        compressed, data = _maybe_compress(pack_bits(arr))
+        mctx = _encode_mctx(arr, coded.context, len(data) + 1)
+        if mctx is not None:
+            return mctx
+    elif coded.coding == "bits":
         compressed, data = _maybe_compress(pack_bits(arr))
     elif coded.coding in ("f32", "f16"):
         dtype = "<f4" if coded.coding == "f32" else "<f2"
@@ -175,23 +215,72 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return out
 
 
-def decode_array(item: object, *, max_elements: int = MAX_ELEMENTS) -> tuple[np.ndarray, str]:
+def _resolve(role: str, ref: MaskRef, lookup: BaseLookup | None, n: int) -> mask_coding.Base:
+    """The base a coded mask names, as this side holds it; a specific rejection if it does not."""
+    held = lookup(role, ref) if lookup is not None else None
+    if held is None:
+        raise CodecError("missing_base", f"no {role} base held for round {ref.round}")
+    if held.round != ref.round:
+        raise CodecError("stale_base", f"{role} base of round {ref.round} named, round {held.round} held")
+    if held.mask.size != n or held.ref.digest != ref.digest:
+        raise CodecError("base_mismatch", f"{role} base of round {ref.round} held with another digest")
+    return held
+
+
+def _decode_mctx(item: dict, dims: tuple[int, ...], count: int, lookup: BaseLookup | None) -> Coded:
+    data, digest = item.get("d"), item.get("h")
+    if (
+        not isinstance(data, bytes)
+        or not isinstance(digest, bytes)
+        or len(digest) != mask_coding.DIGEST_BYTES
+    ):
+        raise CodecError("wrong_field_type", "mctx array needs bytes 'd' and an 8-byte digest 'h'")
+    if len(data) > (count + 7) // 8:  # an encoder sends mctx only when it beats the packed bits
+        raise CodecError("oversize", f"{len(data)} coded bytes for a mask of {count} bits")
+    try:
+        bases = []
+        for role, key in (("prev", "p"), ("side", "q")):
+            raw = item.get(key)
+            bases.append(None if raw is None else _resolve(role, MaskRef.from_wire(raw, key), lookup, count))
+        context = MaskContext(*bases)
+        mask = mask_coding.decode_mask(data, count, context)
+    except MaskCodingError as exc:
+        raise CodecError(exc.reason, exc.detail) from exc
+    if mask_coding.mask_digest(mask) != digest:
+        raise CodecError("bad_mask_digest", "the decoded mask does not match its digest")
+    return Coded(mask.reshape(dims), "bits", context=context)
+
+
+def decode_array(
+    item: object, *, max_elements: int = MAX_ELEMENTS, bases: BaseLookup | None = None
+) -> tuple[np.ndarray, str]:
     """Decode a map made by :func:`encode_array`, validating every field; returns (array, coding).
 
     An array declaring more than ``max_elements`` elements is refused (``oversize``) before any
-    allocation.
+    allocation. ``bases`` looks up the masks this side holds, for ``mctx`` arrays.
     """
+    coded = decode_coded_array(item, max_elements=max_elements, bases=bases)
+    return coded.array, coded.coding
+
+
+def decode_coded_array(
+    item: object, *, max_elements: int = MAX_ELEMENTS, bases: BaseLookup | None = None
+) -> Coded:
+    """Like :func:`decode_array`, as a :class:`Coded` (which names the bases an ``mctx`` mask used)."""
     if not isinstance(item, dict):
         raise CodecError("wrong_field_type", f"coded array must be a map, got {type(item).__name__}")
     coding, shape, compressed, data = item.get("c"), item.get("s"), item.get("z"), item.get("d")
-    if not isinstance(coding, str) or coding not in CODINGS:
-        raise CodecError("bad_array", f"unknown coding {coding!r}")
+    if not isinstance(coding, str) or coding not in WIRE_CODINGS:
+        raise CodecError("unknown_coding", f"unknown coding {coding!r:.40}")
+    if coding == mask_coding.CONTEXT:
+        dims, count = _check_shape(shape, min(max_elements, MAX_ELEMENTS))
+        return _decode_mctx(item, dims, count, bases)
     if not isinstance(compressed, bool) or not isinstance(data, bytes):
         raise CodecError("wrong_field_type", "coded array needs bool 'z' and bytes 'd'")
     dims, count = _check_shape(shape, min(max_elements, MAX_ELEMENTS))
     if coding == "bits":
         raw = _inflate(data, (count + 7) // 8) if compressed else data
-        return unpack_bits(raw, count).reshape(dims), coding
+        return Coded(unpack_bits(raw, count).reshape(dims), coding)
     if coding in ("f32", "f16", "i64"):
         width = {"f32": 4, "f16": 2, "i64": 8}[coding]
         if compressed or len(data) != count * width:
@@ -199,7 +288,7 @@ def decode_array(item: object, *, max_elements: int = MAX_ELEMENTS) -> tuple[np.
         dtype = {"f32": "<f4", "f16": "<f2", "i64": "<i8"}[coding]
         arr = np.frombuffer(data, dtype=dtype).reshape(dims)
         out = arr.astype(np.float32) if coding != "i64" else arr.astype(np.int64)
-        return out, coding
+        return Coded(out, coding)
     # topk: positions are delta-coded varints after the values
     body = _inflate(data, 4 + count * (4 + 9)) if compressed else data
     if len(body) < 4:
@@ -217,7 +306,11 @@ def decode_array(item: object, *, max_elements: int = MAX_ELEMENTS) -> tuple[np.
         raise CodecError("bad_array", "top-k positions out of range or not increasing")
     flat = np.zeros(count, dtype=np.float32)
     flat[positions] = values
-    return flat.reshape(dims), coding
+    return Coded(flat.reshape(dims), coding)
+
+
+# For a body: entry name -> the base lookup of that entry (or None).
+BodyBases = Callable[[str], "BaseLookup | None"]
 
 
 def encode_body(body: Mapping[str, Coded]) -> dict:
@@ -225,10 +318,13 @@ def encode_body(body: Mapping[str, Coded]) -> dict:
     return {name: encode_array(coded) for name, coded in body.items()}
 
 
-def decode_coded_body(raw: object, *, max_elements: int = MAX_ELEMENTS) -> dict[str, Coded]:
+def decode_coded_body(
+    raw: object, *, max_elements: int = MAX_ELEMENTS, bases: BodyBases | None = None
+) -> dict[str, Coded]:
     """Decode a body map into name → :class:`Coded` (array plus the coding it travelled in).
 
-    ``max_elements`` bounds the elements of the whole body, not of each entry.
+    ``max_elements`` bounds the elements of the whole body, not of each entry. ``bases(name)`` gives
+    the base lookup for the entry ``name`` (``mctx`` masks); without it such masks are ``missing_base``.
     """
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise CodecError("wrong_field_type", "body must be a map from names to coded arrays")
@@ -236,11 +332,13 @@ def decode_coded_body(raw: object, *, max_elements: int = MAX_ELEMENTS) -> dict[
     budget = max_elements
     for name, item in raw.items():
         try:
-            array, coding = decode_array(item, max_elements=budget)
+            coded = decode_coded_array(
+                item, max_elements=budget, bases=None if bases is None else bases(name)
+            )
         except CodecError as exc:
             raise CodecError(exc.reason, f"body entry {name!r}: {exc.detail}") from exc
-        budget -= array.size
-        out[name] = Coded(array, coding)
+        budget -= coded.array.size
+        out[name] = coded
     return out
 
 

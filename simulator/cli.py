@@ -121,6 +121,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_option(
         p,
+        "--mask-codings",
+        default="bits,mctx",
+        help="mask codings the simulated parties decode: bits (version 1) alone, or bits,mctx (masks coded "
+        "against what both sides hold)",
+    )
+    add_option(
+        p,
         "--tflite-devices",
         type=int,
         default=8,
@@ -177,6 +184,7 @@ def simulation_config(args: argparse.Namespace) -> Any:
         fleet=args.fleet,
         device_classes=_strategies(args.device_classes) if args.device_classes else [],
         tflite_devices=args.tflite_devices,
+        mask_codings=_strategies(args.mask_codings),
     )
     return validate(config)
 

@@ -44,6 +44,9 @@ class SimulationConfig:
     eval_every: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
     transport: str = "inproc"
+    # Mask codings the simulated parties decode: "bits" alone is the version-1 coding; with "mctx"
+    # masks travel coded against the bases both sides hold (protocol.mask_coding).
+    mask_codings: list[str] = field(default_factory=lambda: ["bits", "mctx"])
     # Device classes assigned round-robin over the devices (e.g. ["pi_zero", "jetson"]): a strategy
     # may give each class its own budget (FedMask's hyper unit_keep_by_class). Empty: no classes.
     device_classes: list[str] = field(default_factory=list)
@@ -170,6 +173,13 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--max-payload", config.max_payload)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    from fedmask.protocol.mask_coding import FULL, MASK_CODINGS
+
+    unknown = [c for c in config.mask_codings if c not in MASK_CODINGS]
+    if unknown or FULL not in config.mask_codings:
+        raise ConfigError(
+            f"mask_codings must include {FULL!r} and only {list(MASK_CODINGS)}, got {config.mask_codings}"
+        )
     if not config.strategies:
         raise ConfigError("--strategy: name at least one strategy")
     strategies = registry()

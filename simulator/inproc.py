@@ -3,6 +3,12 @@
 Each update and each round announcement goes through ``protocol.messages`` and the chunker exactly as it
 would over MQTT, and the server half only ever sees what the decoder returns, so byte counts and
 behaviour match the deployment.
+
+Masks are coded against the bases each side holds (``protocol.mask_bases``), as the deployment codes
+them: an update against the device's last accepted upload and the consensus it trained from, an
+announcement against the consensus the fetching device holds (the previous round's for a device that
+followed every round, an older one or none otherwise: each participant's downlink is counted for what
+it holds). Next to the bytes, each round records the conditional-entropy estimate of its masks.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from fedmask.datasets.federated import FederatedDataset
-from fedmask.protocol import messages
+from fedmask.protocol import mask_bases, messages
 from fedmask.protocol.chunking import wire_size
+from fedmask.protocol.mask_coding import CONTEXT, conditional_entropy_bits
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.model_stats import device_stats, summarize, tflite_speedup
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
@@ -49,6 +56,17 @@ def params_per_update(server) -> int:
     return int(sum(int(np.prod(shape)) for shape in expected.values()))
 
 
+def entropy_bits(body: Body | None) -> float:
+    """Conditional-entropy estimate (bits) of a decoded body's masks given the bases they used."""
+    if not body:
+        return 0.0
+    return sum(conditional_entropy_bits(c.array, c.context) for c in body.values() if c.coding == "bits")
+
+
+def mask_params(body: Body | None) -> int:
+    return sum(int(c.array.size) for c in (body or {}).values() if c.coding == "bits")
+
+
 def weighted_accuracy(evals) -> float:
     total = sum(e.num_samples for e in evals)
     return sum(e.accuracy * e.num_samples for e in evals) / total if total else 0.0
@@ -63,6 +81,35 @@ class InProcessRun:
         self.spec = spec
         self.task_id = f"{config.fleet}-{spec.strategy}-{spec.seed}"
         self.finals: dict = {}  # device id -> FinalModel, after run()
+        self.context_coding = CONTEXT in config.mask_codings
+        self.server_bases = mask_bases.ServerBases()
+        self.device_bases: dict[str, mask_bases.DeviceBases] = {}
+        # Called with (device, round, decoded update body) for every update: benchmarks read real masks.
+        self.on_update: Callable[[str, int, Body], None] | None = None
+
+    def _downlink(self, device_id: str, round_no: int, body: Body | None, shared: dict) -> tuple[int, float]:
+        """Deliver round ``round_no``'s announcement to one device as it would travel to it.
+
+        Returns (wire bytes, entropy estimate of its masks); ``shared`` caches the payload coded against
+        the previous round, which every device that followed the rounds receives.
+        """
+        books = self.device_bases[device_id]
+        held = books.consensus
+        previous = self.server_bases.announced_body(round_no - 1)
+        follows = bool(held) and previous is not None and all(b.round == round_no - 1 for b in held.values())
+        if not self.context_coding:
+            coded = mask_bases.plain(body)
+        elif follows:
+            coded = shared.setdefault("body", self.server_bases.downlink(round_no, body))
+        else:
+            coded = self.server_bases.downlink_for(body, held)
+        announcement = messages.RoundAnnouncement(
+            fleet=self.config.fleet, task_id=self.task_id, round=round_no, deadline=0.0, body=coded
+        )
+        payload = messages.encode(announcement)
+        decoded = messages.decode(payload, messages.RoundAnnouncement, bases=books.announcement_bases())
+        books.received(round_no, decoded.body)
+        return wire_size(payload, self.config.max_payload), entropy_bits(decoded.body)
 
     def _announce(self, round_no: int, body: Body | None) -> tuple[bytes, dict | None]:
         announcement = messages.RoundAnnouncement(
@@ -79,6 +126,8 @@ class InProcessRun:
         server = strategy.server(spec)
         clients = {d.device_id: strategy.client(spec, d) for d in self.data.devices}
         device_ids = list(clients)
+        codings = cfg.mask_codings
+        self.device_bases = {d: mask_bases.DeviceBases(codings) for d in device_ids}
         result = MethodResult(strategy=spec.strategy, params_per_update=params_per_update(server))
         body = server.initial_body()
         # A strategy without federated rounds (the FT-only ablation) sends nothing at all.
@@ -86,15 +135,26 @@ class InProcessRun:
         everyone = cfg.devices_per_round if strategy.samples_devices else None
         for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
-            announcement, global_body = self._announce(round_no, body)
+            _, global_body = self._announce(round_no, body)
             participants = select_devices(device_ids, everyone, spec.seed, round_no)
             timings = dict.fromkeys(("train", "encode", "aggregate"), 0.0)
             updates, uplink, losses, densities = [], 0, [], []
+            downlink, down_entropy, down_params, shared = 0, 0.0, 0, {}
+            t = time.perf_counter()
+            for device_id in participants:
+                size, entropy = self._downlink(device_id, round_no, body, shared)
+                downlink += size
+                down_entropy += entropy
+                down_params += mask_params(body)
+            self.server_bases.announce(round_no, body)
+            timings["encode"] += time.perf_counter() - t
+            up_entropy, up_params = 0.0, 0
             for device_id in participants:
                 t = time.perf_counter()
                 fit = clients[device_id].fit(global_body, round_no)
                 timings["train"] += time.perf_counter() - t
                 t = time.perf_counter()
+                books = self.device_bases[device_id]
                 payload = messages.encode(
                     messages.Update(
                         fleet=cfg.fleet,
@@ -104,11 +164,19 @@ class InProcessRun:
                         base_round=round_no,
                         num_samples=fit.num_samples,
                         metrics=fit.metrics,
-                        body=fit.body,
+                        body=books.uplink(fit.body, round_no),
                     )
                 )
                 uplink += wire_size(payload, cfg.max_payload)
-                received = messages.decode(payload, messages.Update)
+                received = messages.decode(
+                    payload, messages.Update, bases=self.server_bases.uplink_bases(device_id)
+                )
+                self.server_bases.accept(device_id, round_no, received.body)
+                if self.on_update is not None:
+                    self.on_update(device_id, round_no, received.body)
+                books.confirm(round_no)  # the receipt
+                up_entropy += entropy_bits(received.body)
+                up_params += mask_params(received.body)
                 timings["encode"] += time.perf_counter() - t
                 updates.append(
                     ClientUpdate(
@@ -127,7 +195,7 @@ class InProcessRun:
                 round=round_no,
                 participants=participants,
                 uplink_bytes=uplink,
-                downlink_bytes=wire_size(announcement, cfg.max_payload) * len(participants),
+                downlink_bytes=downlink,
                 train_loss=float(np.mean([x for x in losses if x is not None])) if losses else None,
                 density=float(np.mean(densities)) if densities else None,
                 timings=timings,
@@ -136,6 +204,13 @@ class InProcessRun:
                 # Personalized accuracy as each device would end now (before the next merge).
                 _, latest = self._announce(round_no + 1, body)
                 record.accuracy_mean = weighted_accuracy([clients[d].evaluate(latest) for d in device_ids])
+            record.set_mask_bits(
+                result.params_per_update,
+                up_params=up_params,
+                up_entropy=up_entropy,
+                down_params=down_params,
+                down_entropy=down_entropy,
+            )
             record.wall_s = time.perf_counter() - t0
             result.rounds.append(record)
             if progress:

@@ -119,7 +119,14 @@ class MqttRun:
         result = MethodResult(strategy=self.spec.strategy, params_per_update=params_per_update(server))
         for summary in store.list_rounds(task_id=task.task_id):
             updates = store.accepted_updates(task.task_id, summary.round_no)
-            uplink = sum(wire_size(u.payload, task.schedule.max_payload) for u in updates)
+            # What crossed the broker: the store keeps updates in full coding, the aggregator counted
+            # the coded bytes it received (masks coded against bases) and the announcements it sent.
+            uplink = sum(
+                aggregator.update_wire_bytes.get(
+                    (u.device_id, summary.round_no), wire_size(u.payload, task.schedule.max_payload)
+                )
+                for u in updates
+            )
             previous = (
                 store.get_aggregate(task.task_id, summary.round_no - 1) if summary.round_no > 1 else None
             )
@@ -137,7 +144,11 @@ class MqttRun:
                     round=summary.round_no,
                     participants=sorted(u.device_id for u in updates),
                     uplink_bytes=uplink,
-                    downlink_bytes=wire_size(announcement, task.schedule.max_payload) * len(updates),
+                    downlink_bytes=aggregator.announcement_wire_bytes.get(
+                        summary.round_no, wire_size(announcement, task.schedule.max_payload)
+                    )
+                    * len(updates)
+                    + aggregator.copy_wire_bytes.get(summary.round_no, 0),
                     train_loss=_mean([u.metrics.get("loss") for u in updates]),
                     density=_mean([u.metrics.get("density") for u in updates]),
                     # Participants' personalized test accuracy after their local training, sample-weighted.

@@ -34,7 +34,36 @@ def markdown_table(document: dict[str, Any]) -> str:
         f"| {name} | " + " | ".join(fmt.format(m[key]) for key, _, fmt in SUMMARY_COLUMNS) + " |"
         for name, m in document["methods"].items()
     ]
-    return "\n".join([f"**{title}**", "", head, rule, *rows, ""])
+    return "\n".join([f"**{title}**", "", head, rule, *rows, "", *per_round_bits(document)])
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def per_round_bits(document: dict[str, Any]) -> list[str]:
+    """Per method with masks: bits/param on the wire per round, the entropy estimate beside them."""
+    out = []
+    for name, m in document["methods"].items():
+        rounds = [r for r in m["rounds"] if r.get("uplink_entropy_bits_per_param") is not None]
+        if not rounds:
+            continue
+        out += [
+            f"{name}: bits per parameter per round (wire, and the conditional-entropy estimate H of the "
+            "masks given their bases)",
+            "",
+            "| round | up bits/param | up H | down bits/param | down H |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        keys = (
+            "uplink_bits_per_param",
+            "uplink_entropy_bits_per_param",
+            "downlink_bits_per_param",
+            "downlink_entropy_bits_per_param",
+        )
+        out += [f"| {r['round']} | " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rounds]
+        out.append("")
+    return out
 
 
 def plot(document: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -19,6 +19,26 @@ class RoundRecord:
     density: float | None = None  # mean mask density (mask strategies)
     wall_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (train, encode, ...)
+    # Per update / per fetched announcement, on the wire (bytes * 8 / parameters of an update), and the
+    # conditional-entropy estimate of the masks they carried (given the bases they were coded against;
+    # None when no masks travelled in that direction).
+    uplink_bits_per_param: float | None = None
+    downlink_bits_per_param: float | None = None
+    uplink_entropy_bits_per_param: float | None = None
+    downlink_entropy_bits_per_param: float | None = None
+
+    def set_mask_bits(
+        self, params: int, *, up_params: int, up_entropy: float, down_params: int, down_entropy: float
+    ) -> None:
+        """Fill the per-round bits/param figures from this round's bytes and entropy estimates."""
+        n = len(self.participants)
+        if params and n:
+            self.uplink_bits_per_param = self.uplink_bytes * 8 / n / params
+            self.downlink_bits_per_param = self.downlink_bytes * 8 / n / params
+        if up_params:
+            self.uplink_entropy_bits_per_param = up_entropy / up_params
+        if down_params:
+            self.downlink_entropy_bits_per_param = down_entropy / down_params
 
 
 @dataclass

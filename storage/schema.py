@@ -200,3 +200,21 @@ class PersonalizedModel(Base):
     peak_rss_bytes: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[dt.datetime]
+
+
+class MaskBase(Base):
+    """A device's last accepted mask per body entry: what its next update may be coded against
+    (``protocol.mask_coding``). Kept here so the aggregator decodes delta-coded masks after a restart."""
+
+    __tablename__ = "mask_bases"
+    __table_args__ = (UniqueConstraint("task_pk", "device_pk", "entry"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    entry: Mapped[str] = mapped_column(String(256))
+    round_no: Mapped[int] = mapped_column(Integer)
+    num_bits: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(16))  # hex of protocol.mask_coding.mask_digest
+    bits: Mapped[bytes] = mapped_column(LargeBinary)  # packed (little bit order), zlib
+    updated_at: Mapped[dt.datetime]

@@ -48,6 +48,7 @@ FLAGS = {
     "fleet": ("--fleet", "fleet"),
     "device_classes": ("--device-classes", "device_classes"),
     "tflite_devices": ("--tflite-devices", "tflite_devices"),
+    "mask_codings": ("--mask-codings", "mask_codings"),
 }
 MAPPINGS = ("arch_kwargs", "mask_config", "dataset_kwargs")
 
@@ -72,7 +73,7 @@ def as_flags(config: SimulationConfig) -> list[str]:
         flag = FLAGS[f.name][0]
         if value is None:
             continue  # "not given": the CLI's None is the dataclass's None
-        if f.name in ("strategies", "device_classes"):
+        if f.name in ("strategies", "device_classes", "mask_codings"):
             if not value:
                 continue
             argv += [flag, ",".join(value)]

@@ -2,7 +2,7 @@
 rejection, and the aggregator keeps serving.
 
 A raw paho client acts as registered devices (`dev-a`, `dev-b`: they announced their presence) and
-publishes what a broken or hostile device could: 35 kinds of bad input at the codec, chunking and
+publishes what a broken or hostile device could: 40 kinds of bad input at the codec, chunking and
 round layers, reaching every rejection reason of the protocol. For each, the test waits for the
 rejection the store recorded, checks its reason and the aggregator's log line, and (for whole
 messages) the `rejected` directive the device got back. Valid updates in between are accepted, and
@@ -27,6 +27,7 @@ from fedmask.aggregator.service import AggregatorService
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import split
 from fedmask.protocol.errors import Rejection
+from fedmask.protocol.mask_coding import Base, MaskContext
 from fedmask.protocol.messages import seal
 from fedmask.protocol.tensor_codec import Coded, encode_array
 from fedmask.protocol.topics import Topics
@@ -208,7 +209,7 @@ def test_bad_input_is_rejected_specifically_and_the_aggregator_keeps_serving(har
     refused("oversize", seal(h.raw_update(body={"mask": h.mask_map(s=[h.num_bits * 2])})))
     short = h.mask_map(z=False, d=bytes(h.num_bits // 8 - 1))
     refused("wrong_mask_length", seal(h.raw_update(body={"mask": short})))
-    refused("bad_array", seal(h.raw_update(body={"mask": h.mask_map(c="bits7")})))
+    refused("unknown_coding", seal(h.raw_update(body={"mask": h.mask_map(c="bits7")})))
     refused("bad_array", seal(h.raw_update(body={"mask": h.mask_map(z=True, d=b"not zlib")})))
     wrong_names = {"scores": Coded(np.zeros(16, np.float32), "f32")}
     refused("wrong_body", messages.encode(h.update(body=wrong_names)))
@@ -259,6 +260,22 @@ def test_bad_input_is_rejected_specifically_and_the_aggregator_keeps_serving(har
     h.expect_accepted(first)
     replay = h.update("dev-a", 1)  # another update for a round dev-a already contributed to
     refused("replayed_update", messages.encode(replay))
+    # Masks coded against a base (mctx): the aggregator now holds dev-a's round-1 mask, dev-b none.
+    held = Base(1, first.body["mask"].array)
+    near = held.mask ^ (h.rng.random(h.num_bits) < 0.01)
+
+    def against(base: Base, device: str = "dev-a") -> messages.Update:
+        return h.update(device, 1, body={"mask": Coded(near, "bits", context=MaskContext(prev=base))})
+
+    refused("missing_base", messages.encode(against(held, "dev-b")), device="dev-b")
+    refused("stale_base", messages.encode(against(Base(0, held.mask))))
+    refused("base_mismatch", messages.encode(against(Base(1, near))))
+    forged = msgpack.unpackb(messages.encode(against(held)), raw=False)
+    assert forged["body"]["mask"]["c"] == "mctx"
+    del forged["sha256"]
+    forged["body"]["mask"]["h"] = bytes(8)  # the checksum is redone: only the mask digest is wrong
+    refused("bad_mask_digest", seal(forged))
+    refused("replayed_update", messages.encode(against(held)))  # it decodes: then the round says no
     h.expect_accepted(h.update("dev-b", 1))
     poll(lambda: round_state(h.store, h.task.task_id, 1) == "closed", 10, "round 1 closed")
     refused("stale_round", messages.encode(h.update("dev-a", 2, base_round=1)))

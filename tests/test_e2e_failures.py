@@ -28,6 +28,7 @@ from fedmask.device_agent.agent import AgentState, DeviceAgent
 from fedmask.protocol import messages
 from fedmask.protocol.topics import Topics
 from fedmask.storage import Store
+from fedmask.storage.mask_bases import load_masks
 
 pytestmark = pytest.mark.broker
 
@@ -128,6 +129,9 @@ def test_agent_killed_mid_round_goes_offline_and_catches_up_after_restart(
     )
     assert (caught_up.base_round, caught_up.staleness, caught_up.weight) == (3, 0, 1.0)
     assert AgentState(state_file).last_round == 3
+    # Every update decoded, the restarted agent's too (its masks coded against what it kept).
+    assert all(r.rejections == 0 for r in store.list_rounds(task_id=task.task_id))
+    assert {m.round_no for m in load_masks(store, task.task_id, crashing.device_id)} == {3}
     store.close()
 
 
@@ -202,6 +206,11 @@ def test_aggregator_killed_mid_round_loses_no_update_and_counts_none_twice(
     after = {u.device_id: u.payload for u in store.accepted_updates(task_id, 1)}
     assert {d: after[d] for d in before} == before  # the acknowledged updates survived the crash
     assert sorted(m.device_id for m in store.list_models(task_id=task_id)) == everyone
+    # Round 2's updates were coded against round-1 masks the first aggregator stored: the second one
+    # decoded them from its store (none was refused, see above), and holds round 2's now.
+    for device in everyone:
+        assert {m.round_no for m in load_masks(store, task_id, device)} == {2}
+    assert all(a._last_update.body["mask"].context.prev is not None for a in agents)
     store.close()
 
 

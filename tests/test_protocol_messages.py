@@ -296,7 +296,7 @@ def test_rejects_bad_arrays() -> None:
         raw["body"]["fc.bias"]["d"] = np.full(10, np.nan, "<f4").tobytes()
 
     assert "NaN" in expect(Rejection.BAD_ARRAY, sealed(nan_weights)).detail
-    expect(Rejection.BAD_ARRAY, sealed(lambda raw: raw["body"]["mask"].update(c="f64")))
+    expect(Rejection.UNKNOWN_CODING, sealed(lambda raw: raw["body"]["mask"].update(c="f64")))
 
 
 def test_rejects_a_nan_metric() -> None:

@@ -57,3 +57,32 @@ def test_same_seed_gives_the_same_masks_bit_for_bit(hmp_small, tmp_path):
     assert first.keys() == second.keys()
     for device in first:
         assert np.array_equal(first[device], second[device]), device
+
+
+def test_masks_coded_against_bases_cost_fewer_wire_bytes_with_the_same_masks(hmp_small, tmp_path):
+    """The simulator codes masks as the deployment does (mctx against bases) and counts those bytes;
+    with "bits" alone it is the version-1 coding. The learning is the same bit for bit."""
+    runs = {}
+    for codings in (["bits"], ["bits", "mctx"]):
+        config = SimulationConfig(
+            rounds=3, strategies=["fedmask"], output_dir=tmp_path, eval_every=0, mask_codings=codings
+        )
+        run = InProcessRun(config, hmp_small, task_spec(config, "fedmask", "har_cnn", hmp_small.num_classes))
+        runs[len(codings)] = (run, run.run())
+    (v1_run, v1), (run, coded) = runs[1], runs[2]
+    for device, final in run.finals.items():
+        np.testing.assert_array_equal(final.mask, v1_run.finals[device].mask)
+    for before, after in zip(v1.rounds, coded.rounds, strict=True):
+        assert after.uplink_bytes <= before.uplink_bytes
+        assert after.downlink_bytes <= before.downlink_bytes
+        # per round: bits/param on the wire beside the entropy estimate of what was coded
+        assert after.uplink_bits_per_param == pytest.approx(
+            after.uplink_bytes * 8 / len(after.participants) / coded.params_per_update
+        )
+        assert after.uplink_entropy_bits_per_param > 0  # (of the context model; zlib may beat it)
+    assert sum(r.uplink_bytes for r in coded.rounds) < sum(r.uplink_bytes for r in v1.rounds)
+    # round 1 announces nothing; rounds 2 and 3 carry the consensus (round 3 coded against round 2's)
+    assert coded.rounds[0].downlink_entropy_bits_per_param is None
+    assert coded.rounds[2].downlink_entropy_bits_per_param is not None
+    summary = coded.summary()
+    assert {"uplink_bits_per_param", "uplink_entropy_bits_per_param"} <= set(summary["rounds"][0])

@@ -80,7 +80,8 @@ def test_every_baseline_runs_in_the_in_process_simulator(devices):
         assert all(r.accuracy_mean is not None for r in result.rounds), name
         assert result.uplink_bytes_total > 0 and result.downlink_bytes_total > 0, name
     # Bits per parameter as the wire counted them (envelope included): the codings at work.
-    assert results["bnn"].uplink_bits_per_param() == pytest.approx(1.0, abs=0.15)
+    # BNN's sign bits travel as a "bits" array: from round 2 coded against the previous signs (mctx).
+    assert 0.4 < results["bnn"].uplink_bits_per_param() <= 1.15
     assert results["fedpm"].uplink_bits_per_param() < 1.15
     assert results["topk"].uplink_bits_per_param() == pytest.approx(2.0, abs=0.2)
     assert results["perfedavg"].uplink_bits_per_param() == pytest.approx(32.0, abs=0.5)

@@ -1,0 +1,75 @@
+"""The aggregator's per-device mask bases in the store (table ``mask_bases``, see ``schema.MaskBase``).
+
+Plain functions over a :class:`~fedmask.storage.store.Store`: the aggregator writes a device's masks
+after it committed the update they came in, and reads them back after a restart.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+
+from fedmask.storage import validation
+from fedmask.storage.engine import read_transaction, write_transaction
+from fedmask.storage.errors import StorageError
+from fedmask.storage.schema import Device, MaskBase, Task
+from fedmask.storage.types import utcnow
+from fedmask.storage.validation import INT32_MAX
+
+
+@dataclass(frozen=True)
+class StoredMask:
+    entry: str
+    round_no: int
+    num_bits: int
+    digest: str  # hex
+    packed: bytes  # bit-packed, little bit order
+
+
+def save_masks(
+    store, task_id: str, device_id: str, round_no: int, masks: dict[str, tuple[int, str, bytes]]
+) -> None:
+    """Replace the device's bases with ``masks`` (entry -> (number of bits, digest hex, packed bits))."""
+    validation.name(device_id, "device_id")
+    validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
+    now = utcnow()
+    with write_transaction(store.engine) as connection:
+        task = store._task(connection, task_id)
+        device_pk = store._device_pk(connection, task.fleet_pk, device_id, now)
+        connection.execute(
+            delete(MaskBase).where(MaskBase.task_pk == task.pk, MaskBase.device_pk == device_pk)
+        )
+        for entry, (num_bits, digest, packed) in masks.items():
+            connection.execute(
+                MaskBase.__table__.insert().values(
+                    task_pk=task.pk,
+                    device_pk=device_pk,
+                    entry=entry,
+                    round_no=round_no,
+                    num_bits=num_bits,
+                    digest=digest,
+                    bits=zlib.compress(packed, 6),
+                    updated_at=now,
+                )
+            )
+
+
+def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:
+    """The device's bases (empty when it has none)."""
+    with read_transaction(store.engine) as connection:
+        rows = connection.execute(
+            select(MaskBase.entry, MaskBase.round_no, MaskBase.num_bits, MaskBase.digest, MaskBase.bits)
+            .join(Task, Task.id == MaskBase.task_pk)
+            .join(Device, Device.id == MaskBase.device_pk)
+            .where(Task.task_id == task_id, Device.device_id == device_id)
+        ).all()
+    out = []
+    for row in rows:
+        try:
+            packed = zlib.decompress(row.bits)
+        except zlib.error as exc:
+            raise StorageError(f"mask base {row.entry!r} of {device_id!r} is corrupt ({exc})") from exc
+        out.append(StoredMask(row.entry, row.round_no, row.num_bits, row.digest, packed))
+    return out
