@@ -83,7 +83,9 @@ MODELS = {
     "conv4": BenchModel("conv4", 10, {}, "image"),
     "char_lstm_small": BenchModel("char_lstm_small", 81, {}, "text"),
 }
-TARGET_SPEEDUP, TARGET_SIZE_RATIO = 1.56, 2.0
+# Issue 9's targets for the real final models (its compacted-size target, 3x fewer parameters, is
+# checked by the accuracy benchmark; the file size here also carries the flatbuffer's overhead).
+TARGET_SPEEDUP, TARGET_SIZE_RATIO = 1.5, 2.0
 
 
 # -- masks --------------------------------------------------------------------------------------------
@@ -226,9 +228,9 @@ def bench_model(
     example = torch.from_numpy(x[:1])
     variants = {"dense": dense, "compacted": compacted}
     paths = {}
-    for name, model in variants.items():
-        paths[name] = workdir / f"{spec.arch}.{name}.tflite"
-        export_tflite(model, example, paths[name])
+    for variant, model in variants.items():
+        paths[variant] = workdir / f"{spec.arch}.{variant}.tflite"
+        export_tflite(model, example, paths[variant])
     if args.int8:
         paths["compacted_int8"] = workdir / f"{spec.arch}.compacted_int8.tflite"
         export_tflite(compacted, example, paths["compacted_int8"], weights="int8")
@@ -321,14 +323,14 @@ def int8_accuracy_on_hmp(args: argparse.Namespace, workdir: Path) -> dict | None
 def format_table(results: list[dict], baseline_rss: int) -> str:
     mib = 2**20
     header = (
-        f"{'model':<16}{'variant':<16}{'density':>8}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
+        f"{'model':<18}{'variant':<16}{'density':>8}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}"
         f"{'size KiB':>11}{'RSS MiB':>9}{'model RSS':>11}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         for name, v in r["variants"].items():
             lines.append(
-                f"{r['model']:<16}{name:<16}{r['density']:>8.3f}{v['median_ms']:>11.3f}{v['p90_ms']:>9.3f}"
+                f"{r['model']:<18}{name:<16}{r['density']:>8.3f}{v['median_ms']:>11.3f}{v['p90_ms']:>9.3f}"
                 f"{v['min_ms']:>9.3f}"
                 f"{v['file_bytes'] / 1024:>11.1f}{v['peak_rss_bytes'] / mib:>9.1f}"
                 f"{v['model_rss_bytes'] / mib:>11.1f}"
