@@ -8,7 +8,6 @@ a TLS Mosquitto whose CA the client does not know, an ACL Mosquitto that refuses
 
 from __future__ import annotations
 
-import getpass
 import os
 import subprocess
 import sys
@@ -261,40 +260,13 @@ def test_malformed_broker_options_are_usage_errors(tmp_path: Path, device_file: 
     assert "none.pem does not exist" in error_line(result.stderr)
 
 
-def _tls_broker(tmp_path: Path) -> tuple[subprocess.Popen, int]:
-    from fedmask.broker_config.binaries import find_mosquitto
-    from fedmask.broker_config.embedded import wait_until_listening
-
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
-    make_ca = Path(__file__).resolve().parents[1] / "broker_config" / "make_ca.sh"
-    subprocess.run(
-        ["sh", str(make_ca), str(tmp_path), "localhost", "127.0.0.1"], check=True, capture_output=True
-    )
-    port = free_loopback_port()
-    conf = tmp_path / "tls.conf"
-    conf.write_text(
-        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'broker.crt'}\n"
-        f"keyfile {tmp_path / 'broker.key'}\n"
-    )
-    broker = subprocess.Popen([str(binary), "-c", str(conf)], stderr=subprocess.PIPE)
-    assert wait_until_listening("127.0.0.1", port, 10, lambda: broker.poll() is None)
-    return broker, port
-
-
 @pytest.mark.broker
 @pytest.mark.slow
-def test_tls_verify_failure(tmp_path: Path, task_file: Path, device_file: Path) -> None:
-    broker, port = _tls_broker(tmp_path)
-    try:
-        # The system trust store does not know the test CA.
-        commands = aggregator_and_agent(tmp_path, task_file, device_file, f"mqtts://127.0.0.1:{port}")
-        results = fedmask_together(*commands)
-    finally:
-        broker.terminate()
-        broker.wait(10)
+def test_tls_verify_failure(tmp_path: Path, task_file: Path, device_file: Path, tls_mosquitto) -> None:
+    port, _ca = tls_mosquitto
+    # The system trust store does not know the test CA.
+    commands = aggregator_and_agent(tmp_path, task_file, device_file, f"mqtts://127.0.0.1:{port}")
+    results = fedmask_together(*commands)
     for code, stderr in results:
         assert code == 1
         line = error_line(stderr)

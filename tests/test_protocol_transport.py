@@ -376,40 +376,6 @@ def test_connect_to_nothing_times_out_with_a_clear_error(connections) -> None:
         connections(f"mqtt://127.0.0.1:{port}", "lonely").connect(timeout_s=1.5)
 
 
-@pytest.fixture
-def tls_mosquitto(tmp_path):
-    """Mosquitto with one TLS listener, its certificate made by broker_config/make_ca.sh."""
-    import getpass
-    from pathlib import Path
-
-    from fedmask.broker_config.binaries import find_mosquitto
-    from fedmask.broker_config.embedded import free_loopback_port, wait_until_listening
-
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI installs it")
-    make_ca = Path(__file__).resolve().parents[1] / "broker_config" / "make_ca.sh"
-    subprocess.run(
-        ["sh", str(make_ca), str(tmp_path), "localhost", "127.0.0.1"], check=True, capture_output=True
-    )
-    port = free_loopback_port()
-    conf = tmp_path / "tls.conf"
-    conf.write_text(
-        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'broker.crt'}\n"
-        f"keyfile {tmp_path / 'broker.key'}\n"
-    )
-    broker = subprocess.Popen([str(binary), "-c", str(conf)], stderr=subprocess.PIPE)
-    try:
-        assert wait_until_listening("127.0.0.1", port, 10, lambda: broker.poll() is None), (
-            broker.stderr.read()
-        )
-        yield port, tmp_path / "ca.crt"
-    finally:
-        broker.terminate()
-        broker.wait(10)
-
-
 def test_tls_round_trip_verifies_the_broker_certificate(tls_mosquitto, connections, tmp_path) -> None:
     from fedmask.protocol.broker_url import parse_broker_url
 
