@@ -8,6 +8,7 @@ and the run's numbers are read back from that store and from the bytes the agent
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -66,7 +67,7 @@ class MqttRun:
         state_dir = Path(cfg.output_dir) / f"agents-{self.spec.strategy}"
         for old in state_dir.glob("*.npz"):
             old.unlink()
-        with EmbeddedBroker() as broker:
+        with EmbeddedBroker() as broker, _quiet_fleet():
             protocol = "5" if 5 in broker.protocol_versions else "3.1.1"
             aggregator = AggregatorService(broker.url, cfg.fleet, task, store, protocol=protocol)
             agents = [
@@ -172,6 +173,23 @@ class MqttRun:
             )
         result.extra["bytes_published_by_agents"] = sum(a.bytes_sent for a in agents)
         return result
+
+
+@contextlib.contextmanager
+def _quiet_fleet():
+    """The simulated fleet's per-agent INFO chatter (connects, every update, every receipt) hidden
+    unless the run is at DEBUG: the progress bar shows progress; warnings and errors still show."""
+    names = ("fedmask.device_agent", "fedmask.aggregator", "fedmask.protocol", "fedmask.broker_config")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _unpack(data: bytes):
