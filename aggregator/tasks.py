@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fedmask.config import load_config_file
+from fedmask.config import ConfigError, load_config_file
 from fedmask.protocol import messages
 from fedmask.strategies import TaskSpec, get_strategy
 
@@ -31,6 +31,11 @@ def build_task(
     from fedmask.device_agent.agent import task_digest
 
     strategy = get_strategy(spec.strategy)
+    if not strategy.federated:
+        raise ConfigError(
+            f"strategy {spec.strategy!r} is an ablation with no federated rounds: nothing to deploy; "
+            "run it with `fedmask simulate --strategy " + spec.strategy + "`"
+        )
     full = TaskSpec(**{**spec.__dict__, "hyper": strategy.effective_hyper(spec)})
     return messages.Task(
         fleet=fleet,

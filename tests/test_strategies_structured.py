@@ -95,3 +95,12 @@ def test_balanced_class_weights():
     assert w[0] * 3 == pytest.approx(w[1] * 1)  # every present class weighs the same in total
     assert w[2] == 1.0
     assert np.allclose(balanced_class_weights(np.array([0, 1]), 2, power=0.5), 1.0)
+
+
+def test_the_ft_only_ablation_cannot_be_deployed():
+    from fedmask.aggregator.tasks import build_task
+    from fedmask.config import ConfigError
+    from fedmask.strategies import TaskSpec
+
+    with pytest.raises(ConfigError, match="no federated rounds"):
+        build_task("fleet", TaskSpec(strategy="ft_only", arch="har_cnn", num_classes=14))
