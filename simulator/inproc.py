@@ -132,11 +132,11 @@ class InProcessRun:
         body = server.initial_body()
         # A strategy without federated rounds (the FT-only ablation) sends nothing at all.
         rounds = cfg.rounds if strategy.federated else 0
-        everyone = cfg.devices_per_round if strategy.samples_devices else None
+        per_round = cfg.devices_per_round if strategy.samples_devices else None  # None: every device
         for round_no in range(1, rounds + 1):
             t0 = time.perf_counter()
             _, global_body = self._announce(round_no, body)
-            participants = select_devices(device_ids, everyone, spec.seed, round_no)
+            participants = select_devices(device_ids, per_round, spec.seed, round_no)
             timings = dict.fromkeys(("train", "encode", "aggregate"), 0.0)
             updates, uplink, losses, densities = [], 0, [], []
             downlink, down_entropy, down_params, shared = 0, 0.0, 0, {}
