@@ -155,8 +155,12 @@ class DeviceAgent:
         receipt_timeout_s: float | None = None,
         receipt_attempts: int = 20,
         identity_timeout_s: float = 15.0,
+        serve: bool = False,
     ) -> None:
         self.fleet = fleet
+        # Serving: the agent outlives its task and takes the next one the aggregator publishes; a
+        # problem with one task (no receipts, no finalize) gives that task up instead of stopping.
+        self.serve = serve
         self.device_id = device_id
         self.data = data
         self.topics = Topics(fleet)
@@ -200,6 +204,8 @@ class DeviceAgent:
         self.finished = threading.Event()  # personalized model sent (or the agent failed: see error)
         self.result_confirmed = threading.Event()  # ... and the aggregator's receipt arrived
         self.error: str | None = None  # why the agent cannot go on (one line); finished is set too
+        self.given_up: str | None = None  # serving: the task this agent gave up (see fail)
+        self.tasks_done = 0  # serving: tasks whose personalized model the aggregator confirmed
         # The time of the current connection: its will and its online presence both carry it, so a
         # will published later wins over the online presence of the same connection (same time, later
         # arrival) and loses to the next connection's.
@@ -241,8 +247,19 @@ class DeviceAgent:
         watchdog.daemon = True
         watchdog.start()
 
-    def fail(self, problem: str) -> None:
-        """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero."""
+    def fail(self, problem: str, *, fatal: bool = False) -> None:
+        """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero. A serving
+        agent gives up only the current task unless the problem is ``fatal`` (it concerns every task:
+        the broker refuses us, no PyTorch)."""
+        if self.serve and not fatal:
+            task_id = self.task.task_id if self.task is not None else self.state.task_id
+            logger.error(
+                "%s: giving up task %s: %s; waiting for the next task", self.device_id, task_id, problem
+            )
+            with self._unconfirmed_lock:
+                self._unconfirmed.clear()
+            self.given_up = task_id
+            return
         if self.error is None:
             self.error = problem
             logger.error("%s: %s", self.device_id, problem)
@@ -287,9 +304,10 @@ class DeviceAgent:
             self._watch_identity()
             return
         self.fail(
-            f"the broker did not deliver our own presence back within {self.identity_timeout_s:g} s: it "
-            f"refuses what we publish as {self.device_id!r} (is --device-id the MQTT username of the "
-            "credentials?)"
+            fatal=True,
+            problem=f"the broker did not deliver our own presence back within "
+            f"{self.identity_timeout_s:g} s: it refuses what we publish as {self.device_id!r} (is "
+            "--device-id the MQTT username of the credentials?)",
         )
 
     def stop(self) -> None:
@@ -362,17 +380,21 @@ class DeviceAgent:
             logger.warning("%s: ignored a message on %s: %s", self.device_id, message.topic, exc)
         except TransportError as exc:
             if "refused" in str(exc):  # MQTT 5: the broker will not take our messages, ever
-                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)", fatal=True)
             else:
                 logger.warning("%s: %s; republished later", self.device_id, exc)
         except ImportError as exc:
-            self.fail(f"cannot train: {exc} (install PyTorch on this device)")
+            self.fail(f"cannot train: {exc} (install PyTorch on this device)", fatal=True)
         except Exception:
             logger.exception("%s: failed to handle a message on %s", self.device_id, message.topic)
 
     def _on_task(self, task: messages.Task) -> None:
         if self.task is not None and task.task_id == self.task.task_id:
             return
+        if self.serve and task.task_id == self.given_up:
+            return
+        if self.serve and self.task is not None:
+            self._forget_task()
         spec = spec_from_task(task)
         digest = task_digest(spec)
         if digest != task.weights_digest:
@@ -419,11 +441,27 @@ class DeviceAgent:
             pending, self.pending_round = self.pending_round, None
             self._on_round(pending)
 
+    def _forget_task(self) -> None:
+        """Serving: the aggregator published another task; what we held for the last one goes."""
+        assert self.task is not None
+        if not self.result_confirmed.is_set():
+            logger.warning(
+                "%s: task %s replaced by another before it ended here", self.device_id, self.task.task_id
+            )
+        self.task = self.spec = self.client = None
+        self.global_body = self.pending_round = self._last_update = None
+        self.final_body_seen = self.finalize_requested = False
+        self.rounds_seen, self.timings, self._newest_round = [], {}, 0
+        self._final_body_timer = None
+        with self._unconfirmed_lock:
+            self._unconfirmed.clear()
+        self.finished, self.result_confirmed = threading.Event(), threading.Event()
+
     def _on_round(self, announcement: messages.RoundAnnouncement) -> None:
         if self.task is None:
             self.pending_round = announcement  # the task arrives right after; answer then
             return
-        if announcement.task_id != self.task.task_id:
+        if announcement.task_id != self.task.task_id or announcement.task_id == self.given_up:
             return
         self.rounds_seen.append(announcement.round)
         body = announcement.body
@@ -554,7 +592,7 @@ class DeviceAgent:
             self._publish(payload, kind)
         except TransportError as exc:
             if "refused" in str(exc):
-                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)", fatal=True)
             else:
                 logger.warning("%s: republishing failed (%s); will retry", self.device_id, exc)
         except Exception:
@@ -637,20 +675,26 @@ class DeviceAgent:
         if self._final_body_timer is not None:
             return
         wait_s = self.receipt_attempts * self.receipt_timeout_s
-        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s,))
+        task_id = self.task.task_id if self.task is not None else self.state.task_id
+        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s, task_id))
         self._final_body_timer.daemon = True
         self._final_body_timer.start()
 
-    def _no_final_body(self, waited_s: float) -> None:
-        if self.final_body_seen or self._stopped or self.finished.is_set():
+    def _no_final_body(self, waited_s: float, task_id: str | None) -> None:
+        if self.final_body_seen or self._stopped or self.finished.is_set() or not self._current(task_id):
             return
         self.fail(
             f"finalization was requested but the last aggregate did not arrive within {waited_s:.0f} s: the "
             "aggregator is not running (if it finished, it may already hold our model)"
         )
 
+    def _current(self, task_id: str | None) -> bool:
+        """A timer set for ``task_id`` still concerns the task at hand (a serving agent moves on)."""
+        current = self.task.task_id if self.task is not None else self.state.task_id
+        return task_id == current and task_id != self.given_up
+
     def _no_finalize(self, task_id: str) -> None:
-        if self.finalize_requested or self._stopped or self.finished.is_set():
+        if self.finalize_requested or self._stopped or self.finished.is_set() or not self._current(task_id):
             return
         self.fail(
             f"task {task_id} ended its rounds and its finalization deadline passed without asking this "
@@ -679,7 +723,30 @@ class DeviceAgent:
             self.state.result_confirmed = True
             self.state.save()
             logger.info("%s: the aggregator confirmed our personalized model", self.device_id)
+            self.tasks_done += 1
             self.result_confirmed.set()
+
+    def _keep_model(self, artifacts: dict[str, Any]) -> None:
+        """The device's own copy of its model (``device_agent.local_model``), before it is reported."""
+        from fedmask.datasets.labels import label_names
+        from fedmask.device_agent import local_model
+
+        assert self.task is not None
+        kept = local_model.save(
+            self.state.path.parent,
+            self.device_id,
+            self.task.task_id,
+            artifacts["tflite"],
+            {
+                "fleet": self.fleet,
+                "strategy": self.task.strategy,
+                "arch": self.task.arch,
+                "num_classes": self.task.num_classes,
+                "label_names": label_names(self.data.meta, self.task.num_classes),
+                "metrics": artifacts["metrics"],
+            },
+        )
+        logger.info("%s: kept its model in %s", self.device_id, kept.path)
 
     def _finalize(self) -> None:
         from fedmask.device_agent.finalize import personalized_artifacts
@@ -697,6 +764,7 @@ class DeviceAgent:
         with self.train_lock, self._working():
             final = self.client.finalize(self.global_body)
             artifacts = personalized_artifacts(final, self.data.x_test, self.data.y_test, self.latency_runs)
+        self._keep_model(artifacts)
         result = messages.Result(
             fleet=self.fleet,
             task_id=self.task.task_id,
