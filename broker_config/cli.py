@@ -3,6 +3,8 @@
 fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
 fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
 fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
+    [--bind ADDR] [--port-map OLD=NEW ...] [--config-dir DIR] [--data-dir DIR] [--log-dest stderr|FILE]
+    [--user NAME]   (a one-machine trial of production.conf: loopback, free ports, your own paths)
 """
 
 from __future__ import annotations
@@ -72,10 +74,29 @@ def register(subparsers: Any) -> None:
     add_option(
         run,
         "--data-dir",
-        default="runs/mosquitto",
         metavar="DIR",
-        help="persistence and generated config for --config test",
+        help="generated configs (default runs/mosquitto), the persistence of --config test, and of any "
+        "config when given",
     )
+    add_option(run, "--bind", metavar="ADDR", help="bind every listener to this address, e.g. 127.0.0.1")
+    run.add_argument(
+        "--port-map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="move the listener on port OLD to NEW (repeatable), e.g. 8883=18883",
+    )
+    add_option(
+        run,
+        "--config-dir",
+        metavar="DIR",
+        help="read the config's files (certificates, password files, ACL) under DIR instead of "
+        "/etc/mosquitto, keeping their relative paths",
+    )
+    add_option(
+        run, "--log-dest", metavar="stderr|FILE", help="where mosquitto logs (instead of the config's)"
+    )
+    add_option(run, "--user", metavar="NAME", help="user mosquitto switches to when started as root")
     run.add_argument(
         "--dry-run", action="store_true", help="print the effective config and command; do not run"
     )
@@ -139,12 +160,24 @@ def _add_service_user(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedmask.broker_config.binaries import BrokerUnavailableError
-    from fedmask.broker_config.runner import prepare_launch, run_foreground
+    from fedmask.broker_config.runner import Overrides, prepare_launch, run_foreground
 
     try:
         launch = prepare_launch(
-            args.mosquitto_config, port=args.broker_port, passwd=args.passwd, data_dir=args.data_dir
+            args.mosquitto_config,
+            port=args.broker_port,
+            passwd=args.passwd,
+            data_dir=args.data_dir,
+            overrides=Overrides(
+                ports=_port_map(args.port_map),
+                bind=args.bind,
+                config_dir=Path(args.config_dir) if args.config_dir else None,
+                log_dest=args.log_dest,
+                user=args.user,
+            ),
         )
         if args.dry_run:
             print(f"# command: {' '.join(launch.command)}")
@@ -156,3 +189,14 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except ValueError as exc:  # ConfigFileError, bad port: the user's input
         raise ConfigError(str(exc)) from exc
+
+
+def _port_map(pairs: list[str]) -> dict[int, int]:
+    """``["8883=18883"]`` -> ``{8883: 18883}``; anything else is a ``ConfigError``."""
+    ports: dict[int, int] = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip().isdigit() or not new.strip().isdigit():
+            raise ConfigError(f"--port-map {pair!r}: expected OLD=NEW with two port numbers, e.g. 8883=18883")
+        ports[int(old)] = int(new)
+    return ports
