@@ -1,5 +1,6 @@
 """`fedmask broker ...`: run mosquitto with the project's configuration, and manage broker accounts.
 
+fedmask broker init DIR --host NAME [--ip ADDR]
 fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
 fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
 fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
@@ -27,6 +28,18 @@ def register(subparsers: Any) -> None:
     )
     actions = parser.add_subparsers(dest="broker_command", metavar="ACTION")
     parser.set_defaults(handler=lambda _args: _print_help(parser))
+
+    init = actions.add_parser(
+        "init",
+        help="lay out a broker directory: CA and broker certificate, production.conf, the ACL",
+        description="Write DIR/certs/ (a private CA and a broker certificate for --host and --ip, by the "
+        "packaged make_ca.sh; an existing CA is reused), DIR/production.conf and DIR/fedmask.acl: the "
+        "layout production.conf expects in /etc/mosquitto. Keep DIR/certs/ca.key offline afterwards.",
+    )
+    init.add_argument("directory", metavar="DIR", help="e.g. /etc/mosquitto, or a trial's own folder")
+    init.add_argument("--host", required=True, metavar="NAME", help="DNS name devices dial (certificate)")
+    init.add_argument("--ip", metavar="ADDR", help="also an IP address devices dial (certificate)")
+    init.set_defaults(handler=_init)
 
     device = actions.add_parser(
         "add-device",
@@ -156,6 +169,29 @@ def _add_service_user(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from exc
     out = args.out or default_credentials_path(passwd, args.user)
     print(f"{args.user}: account in {passwd}, credentials in {out} (mode 0600)")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from fedmask.broker_config.configs import ACL_FILE, NAMED_CONFIGS, PACKAGE_DIR
+    from fedmask.config import RunError
+
+    if shutil.which("openssl") is None:
+        raise RunError("broker init: openssl is not installed; install it (apt-get install openssl)")
+    folder = Path(args.directory)
+    certs = folder / "certs"
+    command = ["sh", str(PACKAGE_DIR / "make_ca.sh"), str(certs), args.host, *([args.ip] if args.ip else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RunError(f"broker init: make_ca.sh failed: {done.stderr.strip().splitlines()[-1:]}")
+    shutil.copyfile(ACL_FILE, folder / "fedmask.acl")
+    shutil.copyfile(NAMED_CONFIGS["production"], folder / "production.conf")
+    print(f"{folder}: certs/ (CA and broker certificate for {args.host}), production.conf, fedmask.acl")
+    print(f"devices need {certs / 'ca.crt'} only; keep {certs / 'ca.key'} offline")
     return 0
 
 
