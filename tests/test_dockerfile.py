@@ -6,6 +6,7 @@ without PyTorch. Plus the systemd units in deploy/, checked by `systemd-analyze 
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -152,3 +153,23 @@ def test_systemd_units_verify(unit: str) -> None:
     assert "Restart=on-failure" in text and "KillSignal=SIGTERM" in text
     if unit == "fedmask-agent.service":
         assert "agent run --serve" in text
+
+
+def test_the_units_config_files_load_through_the_real_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmask.cli import build_parser
+    from fedmask.config import resolve
+
+    for key in [k for k in os.environ if k.startswith("FEDMASK_")]:
+        monkeypatch.delenv(key)
+
+    def parse(*argv: str):
+        args = build_parser().parse_args(list(argv))
+        return resolve(args, command=args.command)
+
+    agent = parse("agent", "run", "--config", str(ROOT / "deploy" / "agent.yaml"))
+    assert (agent.serve, agent.device_id, agent.state_dir) == (True, "f2", "/var/lib/fedmask")
+    assert agent.broker.endswith(":8883") and agent.credentials_file == "/etc/fedmask/credentials"
+    once = parse("agent", "run", "--config", str(ROOT / "deploy" / "agent.yaml"), "--once")
+    assert once.serve is False  # the flag beats the file
+    aggregator = parse("aggregator", "run", "--config", str(ROOT / "deploy" / "aggregator.yaml"))
+    assert aggregator.broker.endswith(":8884") and aggregator.task == "/etc/fedmask/task.yaml"
