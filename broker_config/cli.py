@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
         help="add or update a device account and write its credentials file",
         description="Add DEVICE to the mosquitto password file (created if missing) with a random "
         "password, and write DEVICE:PASSWORD to a mode-0600 credentials file for the agent's "
-        "--credentials. A running broker rereads the password file on SIGHUP.",
+        "--credentials-file. A running broker rereads the password file on SIGHUP.",
     )
     _add_account_options(device)
     device.add_argument(
