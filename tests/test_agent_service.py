@@ -31,7 +31,7 @@ def test_a_serving_agent_takes_the_next_task_and_stops_on_sigterm(
     tmp_path: Path,
     capsys,
 ) -> None:
-    (device,) = smallest(hmp_fleet, 1)
+    device, latecomer = smallest(hmp_fleet, 2)
     data_file = save_device(device, tmp_path / f"{device.device_id}.npz")
     db = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(db)
@@ -47,7 +47,12 @@ def test_a_serving_agent_takes_the_next_task_and_stops_on_sigterm(
     )  # fmt: skip
     try:
         for seed, task_id in enumerate(("first", "second")):
-            task = fedmask_task(FLEET, hmp_fleet.num_classes, task_id=task_id, seed=seed, rounds=1, quorum=1)
+            # The second task asks its participants to finalize within 15 s: the latecomer below waits
+            # that long (and 10 s more) before it gives that task up.
+            hyper = {"finalize_deadline_s": 15.0} if task_id == "second" else {}
+            task = fedmask_task(
+                FLEET, hmp_fleet.num_classes, task_id=task_id, seed=seed, hyper=hyper, rounds=1, quorum=1
+            )
             aggregator = AggregatorService(open_mosquitto.url(), FLEET, task, store).start()
             try:
                 assert aggregator.wait(120), f"task {task_id} did not complete:\n{agent.log()[-3000:]}"
@@ -59,11 +64,27 @@ def test_a_serving_agent_takes_the_next_task_and_stops_on_sigterm(
         # The result is confirmed after the aggregator stored it: the receipt may still be on its way.
         poll(lambda: agent.log().count("confirmed our personalized model") == 2, 30, "the second receipt")
 
-        agent.process.send_signal(signal.SIGTERM)
-        assert agent.process.wait(15) == 0, agent.log()[-3000:]
+        # A device that comes up after the run ended finds the retained task, is never asked to
+        # finalize, gives that task up at its deadline and keeps serving (no exit, no restart loop).
+        late_file = save_device(latecomer, tmp_path / f"{latecomer.device_id}.npz")
+        late = fedmask_processes(
+            [
+                "agent", "run", "--serve", "--broker", open_mosquitto.url(), "--fleet", FLEET,
+                "--device-id", latecomer.device_id, "--data", str(late_file),
+                "--state-dir", str(tmp_path / "late"), "--threads", "1", "--log-level", "INFO",
+            ],
+            log="late.log",
+        )  # fmt: skip
+        late.wait_for_log("giving up task second", 60)
+        late.wait_for_log("waiting for the next task", 1)
+        assert late.running
+
+        for process in (agent, late):
+            process.process.send_signal(signal.SIGTERM)
+            assert process.process.wait(15) == 0, process.log()[-3000:]
     finally:
         store.close()
-    assert "Traceback" not in agent.log()
+    assert "Traceback" not in agent.log() + late.log()
     state = AgentState(state_dir / f"{device.device_id}.npz")
     assert (state.task_id, state.result_confirmed) == ("second", True)
     for task_id in ("first", "second"):
