@@ -10,8 +10,10 @@ the test does not have (systemd, root, docker, a database server) and are not ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,15 +68,24 @@ def test_every_command_of_the_page_runs_as_written(tmp_path: Path, hmp_root: Pat
         "FEDMASK_DB": postgres_url,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
+    # Its own process group: whatever the page starts in the background (broker, aggregator, agents)
+    # goes with it, even when a step fails half-way.
+    shell = subprocess.Popen(
+        ["bash", str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            ["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-        )
+        stdout, stderr = shell.communicate(timeout=240)
     finally:
-        # A failed step must not leave the background broker or agents behind.
-        for pid_file in (home / "broker.pid", home / "aggregator.pid"):
-            if pid_file.exists():
-                subprocess.run(["kill", "-9", pid_file.read_text().strip()], capture_output=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+    done = subprocess.CompletedProcess(shell.args, shell.returncode, stdout, stderr)
     logs = "\n".join(
         f"--- {p.relative_to(home)}\n{p.read_text(errors='replace')[-2000:]}"
         for p in sorted(home.rglob("*.log"))
