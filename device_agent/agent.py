@@ -10,6 +10,11 @@ retained state topic (its last will flips that to offline), and reacts to three 
 - a **finalize** directive on its downlink: it builds, compacts, exports and measures its personalized
   model with the TFLite runtime and publishes the result.
 
+The agent keeps its finalized model, metrics and class names beside its state file
+(``device_agent.local_model``), for ``fedmask predict``. One-shot by default; a serving agent
+(``serve=True``) takes the next task the aggregator publishes, and a problem with one task (no receipt,
+never asked to finalize) gives that task up instead of stopping the process.
+
 The state file (``<state_dir>/<device>.npz``, arrays only) makes a restart resume where it stopped: it
 skips rounds it already answered and keeps the strategy's local state (FedMask's scores, ...), and the
 mask bases (``protocol.mask_bases``): the last consensus it decoded and its last accepted upload, so
@@ -205,7 +210,6 @@ class DeviceAgent:
         self.result_confirmed = threading.Event()  # ... and the aggregator's receipt arrived
         self.error: str | None = None  # why the agent cannot go on (one line); finished is set too
         self.given_up: str | None = None  # serving: the task this agent gave up (see fail)
-        self.tasks_done = 0  # serving: tasks whose personalized model the aggregator confirmed
         # The time of the current connection: its will and its online presence both carry it, so a
         # will published later wins over the online presence of the same connection (same time, later
         # arrival) and loses to the next connection's.
@@ -723,7 +727,6 @@ class DeviceAgent:
             self.state.result_confirmed = True
             self.state.save()
             logger.info("%s: the aggregator confirmed our personalized model", self.device_id)
-            self.tasks_done += 1
             self.result_confirmed.set()
 
     def _keep_model(self, artifacts: dict[str, Any]) -> None:
