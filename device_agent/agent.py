@@ -142,7 +142,7 @@ class UpdateTiming:
 class DeviceAgent:
     def __init__(
         self,
-        broker: str,
+        broker,  # one URL or several (the nodes of one cluster, see MqttConnection)
         fleet: str,
         device_id: str,
         data: Any,
@@ -295,6 +295,11 @@ class DeviceAgent:
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
         self._stopped = True
+        if not self.connection.connected:
+            # Never connected, or the broker is gone: a publish would only wait out its timeout (5 s
+            # per agent); the broker publishes our will if it saw us at all.
+            self.connection.close()
+            return
         try:
             offline = messages.Presence(
                 fleet=self.fleet, device=self.device_id, status="offline", at=time.time()
@@ -449,7 +454,12 @@ class DeviceAgent:
             or self.state.finalize_requested
             or announcement.round < newest
         ):
-            return  # already answered (e.g. the retained announcement again after a reconnect), or old
+            # Already answered (e.g. the retained announcement again after a reconnect), or old. The
+            # aggregator announces again after it reconnected, maybe to another broker node that did
+            # not have its session: an update still without a receipt may be lost there, so send it now.
+            if announcement.round == self.state.last_round:
+                self._republish_unconfirmed("update", announcement.round)
+            return
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
                 "%s: round %d is long past its deadline; waiting for the next",
@@ -559,6 +569,18 @@ class DeviceAgent:
                 logger.warning("%s: republishing failed (%s); will retry", self.device_id, exc)
         except Exception:
             logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
+
+    def _republish_unconfirmed(self, kind: str, round_no: int) -> None:
+        """Publish the pending message of round ``round_no`` again now (its timer keeps running)."""
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or pending[0] != round_no or self._stopped:
+            return
+        logger.info("%s: round %d announced again, no receipt yet: republishing", self.device_id, round_no)
+        try:
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: republishing failed (%s); its timer retries", self.device_id, exc)
 
     def _publish(self, payload: bytes, kind: str = "update") -> None:
         plan = publications(
