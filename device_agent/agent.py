@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "state__"
 # Rejections that mean "the aggregator cannot use the base this mask was coded against".
 BASE_REJECTIONS = ("missing_base", "stale_base", "base_mismatch", "bad_mask_digest")
+# Times an agent announces itself again after an `unknown_device` rejection before accepting it: the
+# aggregator missed our retained presence (RabbitMQ 3.x delivers no retained message to its wildcard
+# subscription, and keeps retained messages on one node).
+REANNOUNCE_ATTEMPTS = 3
 
 
 def announced_round(payload: bytes) -> int:
@@ -205,6 +209,7 @@ class DeviceAgent:
         # arrival) and loses to the next connection's.
         self._connected_at = time.time()
         self._presence_sent: bytes | None = None
+        self._reannounced = 0
         self._presence_sent_at: float | None = None
         self.identity_confirmed = threading.Event()  # our own presence came back from the broker
         self._busy = 0  # > 0 while training or finalizing (see _working)
@@ -570,6 +575,22 @@ class DeviceAgent:
         except Exception:
             logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
 
+    def _reannounce(self, directive: messages.Directive) -> bool:
+        """The aggregator does not know us: our presence again, then the refused message again."""
+        kind = directive.detail or "update"
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or self._reannounced >= REANNOUNCE_ATTEMPTS or self._presence_sent is None:
+            return False
+        self._reannounced += 1
+        logger.info("%s: unknown to the aggregator; announcing ourselves again", self.device_id)
+        try:
+            self.connection.publish(self.topics.state(self.device_id), self._presence_sent, retain=True)
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: announcing again failed (%s); its timer retries", self.device_id, exc)
+        return True
+
     def _republish_unconfirmed(self, kind: str, round_no: int) -> None:
         """Publish the pending message of round ``round_no`` again now (its timer keeps running)."""
         with self._unconfirmed_lock:
@@ -623,6 +644,8 @@ class DeviceAgent:
                 directive.reason,
             )
             if directive.reason in BASE_REJECTIONS and self._resend_in_full(directive.round):
+                return
+            if directive.reason == "unknown_device" and self._reannounce(directive):
                 return
         with self._unconfirmed_lock:
             result_pending = "result" in self._unconfirmed

@@ -67,6 +67,9 @@ class TrainGate:
     def close(self) -> None:
         self._closed.set()
 
+    def wait_closed(self) -> None:
+        self._closed.wait()
+
     def __enter__(self) -> TrainGate:
         self._slots.acquire()
         if self._closed.is_set():
@@ -205,11 +208,9 @@ def _serve(
         _stop_all(agents)
         return
     pipe.send(("started", len(agents)))
+    threading.Thread(target=_quiet_once_closed, args=(gate,), daemon=True).start()
     with contextlib.suppress(EOFError):
         pipe.recv()  # "stop", or EOF when the parent is gone
-    # A training refused by the closed gate fails its handler: expected at the end of a run, not news.
-    for name in FLEET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     _stop_all(agents)
     pipe.send(
         (
@@ -217,6 +218,13 @@ def _serve(
             [AgentReport(a.device_id, a.bytes_sent, a.receipts, dict(a.timings), a.error) for a in agents],
         )
     )
+
+
+def _quiet_once_closed(gate: TrainGate) -> None:
+    # A training refused by the closed gate fails its handler: expected at the end of a run, not news.
+    gate.wait_closed()
+    for name in FLEET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _stop_all(agents) -> None:
