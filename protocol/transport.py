@@ -386,7 +386,7 @@ class MqttConnection:
         logger.info(
             "connected to %s as %s (MQTT %s, %s, session %s)",
             self.broker,
-            self.client_id,
+            self.session_id,
             self.protocol,
             reason_code.getName(),
             "resumed" if session_present else "new",
