@@ -321,7 +321,11 @@ class MqttConnection:
         if self._refused is not None:
             raise TransportError(f"{self.broker} refused {self.client_id}: {self._refused.getName()}")
         if self.protocol == "5" and self._closed_before_connack:
-            raise TransportError(f"{self.broker} closed the connection: {MQTT5_HINT}")
+            raise TransportError(
+                f"{self.broker} closed the connection without answering our MQTT 5 CONNECT: it speaks "
+                "only MQTT 3.1.1 (e.g. RabbitMQ 3.x); pass --mqtt-protocol 3.1.1 (FEDMASK_MQTT_PROTOCOL) "
+                "to the aggregator and every device"
+            )
         if self.protocol == "5":
             raise TransportError(f"no CONNACK from {self.broker} within {timeout_s:g} s: {MQTT5_HINT}")
         raise TransportError(f"no CONNACK from {self.broker} within {timeout_s:g} s")
