@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import OperationalError
 
     from fedmask.aggregator.service import AggregatorService
-    from fedmask.protocol.cli_options import broker_from_args
+    from fedmask.protocol.cli_options import brokers_from_args
     from fedmask.storage import Store
     from fedmask.storage.cli import database_url
 
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
             "aggregator run: no task; pass --task FILE (or FEDMASK_TASK, or `task:` in --config)"
         )
     task = _load_task(args.task, args.fleet)
-    broker = broker_from_args(args)
+    broker = brokers_from_args(args)
     url = database_url(args.db)
     try:
         store = Store(url)

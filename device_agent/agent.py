@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "state__"
 # Rejections that mean "the aggregator cannot use the base this mask was coded against".
 BASE_REJECTIONS = ("missing_base", "stale_base", "base_mismatch", "bad_mask_digest")
+# Times an agent announces itself again after an `unknown_device` rejection before accepting it: the
+# aggregator missed our retained presence (RabbitMQ 3.x delivers no retained message to its wildcard
+# subscription, and keeps retained messages on one node).
+REANNOUNCE_ATTEMPTS = 3
 
 
 def announced_round(payload: bytes) -> int:
@@ -147,7 +151,7 @@ class UpdateTiming:
 class DeviceAgent:
     def __init__(
         self,
-        broker: str,
+        broker,  # one URL or several (the nodes of one cluster, see MqttConnection)
         fleet: str,
         device_id: str,
         data: Any,
@@ -215,6 +219,7 @@ class DeviceAgent:
         # arrival) and loses to the next connection's.
         self._connected_at = time.time()
         self._presence_sent: bytes | None = None
+        self._reannounced = 0
         self._presence_sent_at: float | None = None
         self.identity_confirmed = threading.Event()  # our own presence came back from the broker
         self._busy = 0  # > 0 while training or finalizing (see _working)
@@ -317,6 +322,11 @@ class DeviceAgent:
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
         self._stopped = True
+        if not self.connection.connected:
+            # Never connected, or the broker is gone: a publish would only wait out its timeout (5 s
+            # per agent); the broker publishes our will if it saw us at all.
+            self.connection.close()
+            return
         try:
             offline = messages.Presence(
                 fleet=self.fleet, device=self.device_id, status="offline", at=time.time()
@@ -491,7 +501,12 @@ class DeviceAgent:
             or self.state.finalize_requested
             or announcement.round < newest
         ):
-            return  # already answered (e.g. the retained announcement again after a reconnect), or old
+            # Already answered (e.g. the retained announcement again after a reconnect), or old. The
+            # aggregator announces again after it reconnected, maybe to another broker node that did
+            # not have its session: an update still without a receipt may be lost there, so send it now.
+            if announcement.round == self.state.last_round:
+                self._republish_unconfirmed("update", announcement.round)
+            return
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
                 "%s: round %d is long past its deadline; waiting for the next",
@@ -602,6 +617,34 @@ class DeviceAgent:
         except Exception:
             logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
 
+    def _reannounce(self, directive: messages.Directive) -> bool:
+        """The aggregator does not know us: our presence again, then the refused message again."""
+        kind = directive.detail or "update"
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or self._reannounced >= REANNOUNCE_ATTEMPTS or self._presence_sent is None:
+            return False
+        self._reannounced += 1
+        logger.info("%s: unknown to the aggregator; announcing ourselves again", self.device_id)
+        try:
+            self.connection.publish(self.topics.state(self.device_id), self._presence_sent, retain=True)
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: announcing again failed (%s); its timer retries", self.device_id, exc)
+        return True
+
+    def _republish_unconfirmed(self, kind: str, round_no: int) -> None:
+        """Publish the pending message of round ``round_no`` again now (its timer keeps running)."""
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or pending[0] != round_no or self._stopped:
+            return
+        logger.info("%s: round %d announced again, no receipt yet: republishing", self.device_id, round_no)
+        try:
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: republishing failed (%s); its timer retries", self.device_id, exc)
+
     def _publish(self, payload: bytes, kind: str = "update") -> None:
         plan = publications(
             self.topics.up(self.device_id), payload, max_payload=self.task.schedule.max_payload
@@ -643,6 +686,8 @@ class DeviceAgent:
                 directive.reason,
             )
             if directive.reason in BASE_REJECTIONS and self._resend_in_full(directive.round):
+                return
+            if directive.reason == "unknown_device" and self._reannounce(directive):
                 return
         with self._unconfirmed_lock:
             result_pending = "result" in self._unconfirmed

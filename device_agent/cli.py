@@ -125,9 +125,10 @@ def _run_agent(args: argparse.Namespace) -> int:
         ) from None
     from fedmask.datasets.federated import load_device
     from fedmask.device_agent.agent import DeviceAgent
-    from fedmask.protocol.cli_options import broker_from_args
+    from fedmask.protocol.cli_options import brokers_from_args
 
-    broker = broker_from_args(args)
+    brokers = brokers_from_args(args)
+    broker = brokers[0]  # the nodes of one cluster share credentials
     if broker.username and broker.username != args.device_id:
         # The project's ACL pins a device to the topics of its own username: the broker would refuse
         # every publish (presence, updates) of this agent, and it would wait forever for nothing.
@@ -147,7 +148,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker,
+        brokers,
         args.fleet,
         args.device_id,
         data,
