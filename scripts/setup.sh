@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (idempotent; quick when everything is there):
-# system packages (Mosquitto, Fashion-MNIST), a virtualenv in .venv with the project and its dev tools,
+# system packages (Mosquitto, Fashion-MNIST, Chromium for the dashboard tests), a virtualenv in .venv with the project and its dev tools,
 # and, for the tests, a running PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ want_services="${1:-}"   # "--services": also make sure PostgreSQL is running (t
 apt_packages=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_packages+=(mosquitto)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
+# Headless Chromium and its WebDriver: the dashboard's tests drive a real browser.
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+[ -x /usr/bin/chromedriver ] || apt_packages+=(chromium-driver)
 if ((${#apt_packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${apt_packages[*]}"

@@ -149,6 +149,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hyperparameter, e.g. fedmask.lr=0.1 (repeatable; config file: a mapping strategy -> "
         "{key: value})",
     )
+    add_option(
+        p,
+        "--db",
+        metavar="URL",
+        help="also keep the run in this store (MQTT transport; default: a SQLite file per strategy in "
+        "--output-dir), so `fedmask report` and `fedmask dashboard` read it as they read a deployment",
+    )
     add_option(p, "--progress", action=argparse.BooleanOptionalAction, help="progress bar")
     p.set_defaults(handler=run)
 
@@ -185,6 +192,7 @@ def simulation_config(args: argparse.Namespace) -> Any:
         device_classes=_strategies(args.device_classes) if args.device_classes else [],
         tflite_devices=args.tflite_devices,
         mask_codings=_strategies(args.mask_codings),
+        db=args.db,
     )
     return validate(config)
 
@@ -200,5 +208,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     document = run_simulation(config, progress=args.progress)
     print(markdown_table(document))
-    print(f"results in {config.output_dir}/ (results.json, results.md, accuracy.png, uplink.png)")
+    print(f"results in {config.output_dir}/ (results.json, results.md, report.html, report.md, plots)")
+    if config.db:
+        tasks = " ".join(f"--task {m['task_id']}" for m in document["methods"].values() if "task_id" in m)
+        print(f"stored in {config.db}: fedmask report --db {config.db} {tasks}")
     return 0

@@ -52,6 +52,9 @@ class SimulationConfig:
     device_classes: list[str] = field(default_factory=list)
     tflite_devices: int = 8  # devices whose final model's TFLite latency is measured (0: none)
     fleet: str = "sim"
+    # A store (database URL) the MQTT transport keeps every strategy's task in; None: a SQLite file per
+    # strategy in output_dir, replaced on every run.
+    db: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -173,6 +176,11 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--max-payload", config.max_payload)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    if config.db and config.transport != "mqtt":
+        raise ConfigError(
+            f"--db {config.db}: only the MQTT transport has an aggregator that stores the run; "
+            "use --transport mqtt (the in-process run is reported from results.json)"
+        )
     from fedmask.protocol.mask_coding import FULL, MASK_CODINGS
 
     unknown = [c for c in config.mask_codings if c not in MASK_CODINGS]

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedmask.config import ConfigError
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
 from fedmask.strategies import TaskSpec
@@ -30,7 +31,9 @@ class MqttRun:
         self.data = data
         self.spec = spec
         self.train_workers = train_workers or max(1, (os.cpu_count() or 2) // 2)
-        self.db_url = f"sqlite:///{Path(config.output_dir).resolve() / f'fedmask-{spec.strategy}.db'}"
+        # A store the user named keeps every run; the default per-strategy file is replaced each run.
+        default = Path(config.output_dir).resolve() / f"fedmask-{spec.strategy}.db"
+        self.db_url = config.db or f"sqlite:///{default}"
 
     def run(self, progress=None, timeout_s: float = 3600.0) -> MethodResult:
         from fedmask.aggregator.service import AggregatorService
@@ -50,19 +53,26 @@ class MqttRun:
             "max_payload": cfg.max_payload,
         }
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        db_file = Path(self.db_url.removeprefix("sqlite:///"))
-        for stale in (
-            db_file,
-            db_file.with_name(db_file.name + "-wal"),
-            db_file.with_name(db_file.name + "-shm"),
-        ):
-            stale.unlink(missing_ok=True)
+        if not cfg.db:
+            db_file = Path(self.db_url.removeprefix("sqlite:///"))
+            for stale in (
+                db_file,
+                db_file.with_name(db_file.name + "-wal"),
+                db_file.with_name(db_file.name + "-shm"),
+            ):
+                stale.unlink(missing_ok=True)
         started = time.perf_counter()
         task = build_task(
             cfg.fleet, self.spec, schedule, task_id=f"{cfg.fleet}-{self.spec.strategy}-{self.spec.seed}"
         )
         store = Store(self.db_url)
         store.upgrade()
+        if cfg.db and _has_task(store, task.task_id):
+            store.close()
+            raise ConfigError(
+                f"--db {cfg.db} already holds task {task.task_id!r}; choose another --fleet or --seed "
+                "(the task id is FLEET-STRATEGY-SEED) or another store"
+            )
         lock = threading.Semaphore(self.train_workers)
         state_dir = Path(cfg.output_dir) / f"agents-{self.spec.strategy}"
         for old in state_dir.glob("*.npz"):
@@ -172,6 +182,7 @@ class MqttRun:
                 )
             )
         result.extra["bytes_published_by_agents"] = sum(a.bytes_sent for a in agents)
+        result.extra["task_id"] = task.task_id  # the run's task in the store
         return result
 
 
@@ -190,6 +201,16 @@ def _quiet_fleet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _has_task(store, task_id: str) -> bool:
+    from fedmask.storage import StorageError
+
+    try:
+        store.list_rounds(task_id=task_id)
+    except StorageError:  # unknown task
+        return False
+    return True
 
 
 def _unpack(data: bytes):
