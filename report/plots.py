@@ -61,6 +61,7 @@ def _lines(ax: Any, reports: Sequence[TaskReport], value: Callable[[Any], float 
 def accuracy(fig: Any, reports: Sequence[TaskReport]) -> None:
     ax = fig.add_subplot()
     _lines(ax, reports, lambda r: r.accuracy)
+    ax.set_ylim(0, 1)
     _finish(ax, "round", "test accuracy (participants, sample-weighted)", "Accuracy per round")
 
 
@@ -91,6 +92,7 @@ def traffic(fig: Any, reports: Sequence[TaskReport]) -> None:
         points = [(r.round, r.downlink_bytes / 1024) for r in report.rounds if r.downlink_bytes]
         if points:
             ax.plot(*zip(*points), "--", color=f"C{index}", alpha=0.7)
+    ax.set_ylim(bottom=0)
     ax.plot([], [], "-", color="grey", label="uplink")
     ax.plot([], [], "--", color="grey", label="downlink")
     _finish(ax, "round", "KiB per round", "Traffic per round")
