@@ -149,12 +149,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hyperparameter, e.g. fedmask.lr=0.1 (repeatable; config file: a mapping strategy -> "
         "{key: value})",
     )
+    # Not FEDMASK_DB / `db:` as the store commands: a simulation writes into a fleet's store only when
+    # told so for this command, never because the environment points the operator's tools at it.
     add_option(
         p,
         "--db",
         metavar="URL",
-        help="also keep the run in this store (MQTT transport; default: a SQLite file per strategy in "
-        "--output-dir), so `fedmask report` and `fedmask dashboard` read it as they read a deployment",
+        file_key="simulation_db",
+        help="keep the run's tasks in this store (MQTT transport; config key simulation_db, env "
+        "FEDMASK_SIMULATION_DB; default: a SQLite file per strategy in --output-dir, replaced each run), "
+        "to read it with `fedmask report` and `fedmask dashboard` as a deployment's",
     )
     add_option(p, "--progress", action=argparse.BooleanOptionalAction, help="progress bar")
     p.set_defaults(handler=run)

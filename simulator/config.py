@@ -60,6 +60,10 @@ class SimulationConfig:
         d = asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["data_root"] = str(self.data_root) if self.data_root else None
+        if self.db:  # results.json is shared: never with the database password
+            from sqlalchemy.engine import make_url
+
+            d["db"] = make_url(self.db).render_as_string(hide_password=True)
         return d
 
 
@@ -176,6 +180,10 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--max-payload", config.max_payload)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    if config.db:
+        from fedmask.storage.cli import database_url
+
+        database_url(config.db)  # a malformed URL is a ConfigError naming --db
     if config.db and config.transport != "mqtt":
         raise ConfigError(
             f"--db {config.db}: only the MQTT transport has an aggregator that stores the run; "
