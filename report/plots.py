@@ -47,7 +47,7 @@ def _finish(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     if not ax.has_data():
-        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def _lines(ax: Any, reports: Sequence[TaskReport], value: Callable[[Any], float | None], **style) -> None:
@@ -92,7 +92,11 @@ def traffic(fig: Any, reports: Sequence[TaskReport]) -> None:
         points = [(r.round, r.downlink_bytes / 1024) for r in report.rounds if r.downlink_bytes]
         if points:
             ax.plot(*zip(*points), "--", color=f"C{index}", alpha=0.7)
-    ax.set_ylim(bottom=0)
+    values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if values and max(values) > 50 * min(values):  # tasks (or directions) orders of magnitude apart
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.plot([], [], "-", color="grey", label="uplink")
     ax.plot([], [], "--", color="grey", label="downlink")
     _finish(ax, "round", "KiB per round", "Traffic per round")

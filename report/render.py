@@ -174,7 +174,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
-.plots figure { margin: 0; } .plots img { max-width: 640px; width: 100%; }
+.plots figure { margin: 0; flex: 0 1 560px; } .plots img { width: 100%; }
 .note { color: #666; font-size: 0.85em; }
 """
 
