@@ -126,6 +126,14 @@ def test_report_reads_postgresql(postgres_url: str, tmp_path: Path) -> None:
     assert [(r[0], r[2], r[10]) for r in rows] == [("1", "4/4", "0"), ("2", "4/4", "2")]
     assert len(_md_table(markdown, f"{task}: final model per device")) == 4
     assert page.count('src="data:image/png;base64,') == len(PLOTS) - 1
+    from fedmask.storage.reporting import read_only_engine
+
+    engine = read_only_engine(postgres_url)
+    try:
+        with engine.connect() as connection, pytest.raises(Exception, match="read-only transaction"):
+            connection.execute(text("DELETE FROM rejections"))
+    finally:
+        engine.dispose()
 
 
 def test_report_errors_are_one_line(sqlite_runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
