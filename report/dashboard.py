@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
+import time
 from typing import Any
 
 from sqlalchemy import Engine
@@ -28,6 +30,7 @@ from fedmask.storage.errors import StorageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_S = 5.0
+HISTORY_TTL_S = 2.0  # how long a task's history read serves further requests (never over refresh / 2)
 
 
 def _plain(value: Any) -> Any:
@@ -48,6 +51,18 @@ def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starl
         with read_transaction(engine) as connection:
             return action(connection)
 
+    # A page refresh asks for a task and then for its plots: they share one read of its history.
+    histories: dict[str, tuple[float, Any]] = {}
+    histories_lock = threading.Lock()
+
+    def history_of(task_id: str) -> Any:
+        with histories_lock:
+            read_at, history = histories.get(task_id, (0.0, None))
+            if time.monotonic() - read_at > min(refresh_s / 2, HISTORY_TTL_S):
+                history = read(lambda c: reporting.task_history(c, task_id))
+                histories[task_id] = (time.monotonic(), history)
+            return history
+
     page_html = _page().replace("__REFRESH_MS__", str(int(refresh_s * 1000)))
 
     async def page(_request: Request) -> HTMLResponse:
@@ -64,7 +79,7 @@ def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starl
         return _json(read(lambda c: queries.list_devices(c, request.path_params["fleet"])))
 
     def task(request: Request) -> JSONResponse:
-        history = read(lambda c: reporting.task_history(c, request.path_params["task_id"]))
+        history = history_of(request.path_params["task_id"])
         report = from_history(history)
         return _json(
             {
@@ -82,7 +97,7 @@ def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starl
         name = request.path_params["name"]
         if name not in plots.PLOTS:
             return _json({"error": f"no plot {name!r}; plots: {', '.join(plots.PLOTS)}"}, 404)
-        history = read(lambda c: reporting.task_history(c, request.path_params["task_id"]))
+        history = history_of(request.path_params["task_id"])
         png = plots.render(name, [from_history(history)])
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
