@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from fedmask.report import plots
@@ -33,14 +33,11 @@ DEFAULT_REFRESH_S = 5.0
 HISTORY_TTL_S = 2.0  # how long a task's history read serves further requests (never over refresh / 2)
 
 
-def _plain(value: Any) -> Any:
-    from fedmask.storage.render import _plain as plain
+def _json(value: Any, status: int = 200) -> Response:
+    from fedmask.storage.render import to_json  # dataclasses and UTC datetimes, as `--json` prints them
 
-    return plain(value)
-
-
-def _json(value: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(_plain(value), status_code=status, headers={"Cache-Control": "no-store"})
+    headers = {"Cache-Control": "no-store"}
+    return Response(to_json(value), status_code=status, media_type="application/json", headers=headers)
 
 
 def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starlette:
@@ -68,17 +65,17 @@ def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starl
     async def page(_request: Request) -> HTMLResponse:
         return HTMLResponse(page_html)
 
-    def health(_request: Request) -> JSONResponse:
+    def health(_request: Request) -> Response:
         read(lambda c: reporting.list_tasks(c))
         return _json({"ok": True})
 
-    def tasks(_request: Request) -> JSONResponse:
+    def tasks(_request: Request) -> Response:
         return _json(read(reporting.list_tasks))
 
-    def devices(request: Request) -> JSONResponse:
+    def devices(request: Request) -> Response:
         return _json(read(lambda c: queries.list_devices(c, request.path_params["fleet"])))
 
-    def task(request: Request) -> JSONResponse:
+    def task(request: Request) -> Response:
         history = history_of(request.path_params["task_id"])
         report = from_history(history)
         return _json(
@@ -101,10 +98,10 @@ def create_app(engine: Engine, *, refresh_s: float = DEFAULT_REFRESH_S) -> Starl
         png = plots.render(name, [from_history(history)])
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    async def storage_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def storage_error(_request: Request, exc: Exception) -> Response:
         return _json({"error": str(exc)}, 404)
 
-    async def database_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def database_error(_request: Request, exc: Exception) -> Response:
         logger.warning("dashboard: database error: %s", exc)
         cause = " ".join(str(getattr(exc, "orig", None) or exc).split())
         return _json({"error": f"database unavailable: {cause}"}, 503)

@@ -184,7 +184,7 @@ def from_results(name: str, method: dict[str, Any], header: dict[str, Any]) -> T
             num_test=d.get("num_test"),
             density=d.get("metrics", {}).get("density"),
             size_bytes=_int_or_none(d.get("metrics", {}).get("size_bytes")),
-            latency_ms=d.get("metrics", {}).get("latency_ms", d.get("metrics", {}).get("compacted_ms")),
+            latency_ms=d.get("metrics", {}).get("latency_ms"),
         )
         for d in method.get("devices", [])
     ]
