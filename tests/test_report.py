@@ -193,3 +193,14 @@ def test_simulator_report_is_drawn_by_the_same_code(tmp_path: Path) -> None:
     assert sorted(re.findall(r'data-plot="([a-z_]+)" src="data:image/png', page)) == sorted(expected)
     for name in ("accuracy", "uplink"):  # the file names the simulator always wrote
         assert png_size((tmp_path / f"{name}.png").read_bytes())[0] > 0
+
+
+def test_a_store_keeps_one_run_per_task_id(sqlite_runs, tmp_path: Path) -> None:
+    """`simulate --db` never mixes a second run into a stored task: it is refused before any training."""
+    from fedmask.config import ConfigError
+
+    url, (task, _) = sqlite_runs
+    with pytest.raises(ConfigError, match=f"already holds task '{task}'; choose another --fleet or --seed"):
+        run_into_store(url, "fedmask", tmp_path)
+    with Store(url) as store:
+        assert [r.participants for r in store.list_rounds(task_id=task)] == [4, 4, 4]
