@@ -215,5 +215,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"results in {config.output_dir}/ (results.json, results.md, report.html, report.md, plots)")
     if config.db:
         tasks = " ".join(f"--task {m['task_id']}" for m in document["methods"].values() if "task_id" in m)
-        print(f"stored in {config.db}: fedmask report --db {config.db} {tasks}")
+        print(f"stored in {config.db_shown}: fedmask report --db {config.db_shown} {tasks}")
     return 0

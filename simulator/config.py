@@ -60,11 +60,17 @@ class SimulationConfig:
         d = asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["data_root"] = str(self.data_root) if self.data_root else None
-        if self.db:  # results.json is shared: never with the database password
-            from sqlalchemy.engine import make_url
-
-            d["db"] = make_url(self.db).render_as_string(hide_password=True)
+        d["db"] = self.db_shown  # results.json is shared: never with the database password
         return d
+
+    @property
+    def db_shown(self) -> str | None:
+        """``db`` as printed and recorded: the password masked."""
+        if not self.db:
+            return None
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.db).render_as_string(hide_password=True)
 
 
 # -- validation -----------------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def validate(config: SimulationConfig) -> SimulationConfig:
         database_url(config.db)  # a malformed URL is a ConfigError naming --db
     if config.db and config.transport != "mqtt":
         raise ConfigError(
-            f"--db {config.db}: only the MQTT transport has an aggregator that stores the run; "
+            f"--db {config.db_shown}: only the MQTT transport has an aggregator that stores the run; "
             "use --transport mqtt (the in-process run is reported from results.json)"
         )
     from fedmask.protocol.mask_coding import FULL, MASK_CODINGS

@@ -70,7 +70,7 @@ class MqttRun:
         if cfg.db and _has_task(store, task.task_id):
             store.close()
             raise ConfigError(
-                f"--db {cfg.db} already holds task {task.task_id!r}; choose another --fleet or --seed "
+                f"--db {cfg.db_shown} already holds task {task.task_id!r}; choose another --fleet or --seed "
                 "(the task id is FLEET-STRATEGY-SEED) or another store"
             )
         lock = threading.Semaphore(self.train_workers)
