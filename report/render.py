@@ -218,17 +218,17 @@ def html_page(reports: Sequence[TaskReport], pngs: dict[str, bytes], generated: 
     )
 
 
-def write(reports: Sequence[TaskReport], out_dir: Path, *, prefix: str = "") -> dict[str, Any]:
+def write(reports: Sequence[TaskReport], out_dir: Path) -> dict[str, Any]:
     """Write report.md, report.html and one PNG per plot to ``out_dir``; returns what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     pngs = render_all(reports)
     images = {}
     for name, png in pngs.items():
-        (out_dir / f"{prefix}{name}.png").write_bytes(png)
-        images[name] = f"{prefix}{name}.png"
-    markdown_path = out_dir / f"{prefix}report.md"
-    html_path = out_dir / f"{prefix}report.html"
+        (out_dir / f"{name}.png").write_bytes(png)
+        images[name] = f"{name}.png"
+    markdown_path = out_dir / "report.md"
+    html_path = out_dir / "report.html"
     markdown_path.write_text(markdown(reports, images, generated))
     html_path.write_text(html_page(reports, pngs, generated))
     return {"markdown": markdown_path, "html": html_path, "images": [out_dir / i for i in images.values()]}
