@@ -125,7 +125,7 @@ def _open_round(history: Any) -> dict[str, Any] | None:
     if not open_rounds:
         return None
     current = open_rounds[-1]
-    reported = [u.device_id for u in history.updates if u.round_no == current.round_no]
+    reported = history.open_round_reported
     return {
         **dataclasses.asdict(current),
         "reported": reported,

@@ -77,68 +77,44 @@ class TaskReport:
         return {**asdict(self), "summary": self.summary()}
 
 
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(sum(kept) / len(kept)) if kept else None
-
-
-def _weighted_accuracy(metrics: list[dict[str, Any]]) -> float | None:
-    tested = [m for m in metrics if m.get("test_accuracy") is not None]
-    weights = sum(m.get("num_test", 0) for m in tested)
-    if weights:
-        return float(sum(m["test_accuracy"] * m.get("num_test", 0) for m in tested) / weights)
-    return _mean([m["test_accuracy"] for m in tested])
-
-
 def from_history(history: Any) -> TaskReport:
     """A stored task (``storage.reporting.TaskHistory``) as a report.
 
     Downlink per round is counted as the announcement each participant fetched: the previous round's
     aggregate (none in round 1) times the participants; the store does not see chunking overhead.
+    The per-round sums come from SQL (``storage.reporting``), so this stays cheap for a long run.
     """
-    by_round: dict[int, list[Any]] = {}
-    for update in history.updates:
-        by_round.setdefault(update.round_no, []).append(update)
     rejected: dict[int | None, int] = {}
     reasons: dict[str, int] = {}
     for r in history.rejections:
         rejected[r.round_no] = rejected.get(r.round_no, 0) + r.count
         reasons[r.reason] = reasons.get(r.reason, 0) + r.count
-    # The devices this task heard from: a round's "missing" are those of them that sent nothing.
-    task_devices = {u.device_id for u in history.updates} | {m.device_id for m in history.models}
     aggregate_bytes = {r.round_no: r.aggregate_bytes for r in history.rounds}
-    rounds = []
-    for r in history.rounds:
-        updates = by_round.get(r.round_no, [])
-        metrics = [u.metrics or {} for u in updates]
-        announced = aggregate_bytes.get(r.round_no - 1) or 0
-        rounds.append(
-            RoundStats(
-                round=r.round_no,
-                participants=len(updates),
-                quorum=r.quorum,
-                late=sum(1 for u in updates if u.staleness > 0),
-                missing=len(task_devices - {u.device_id for u in updates}),
-                uplink_bytes=sum(u.payload_bytes for u in updates),
-                downlink_bytes=announced * len(updates),
-                accuracy=_weighted_accuracy(metrics),
-                loss=_mean([m.get("loss") for m in metrics]),
-                density=_mean([m.get("density") for m in metrics]),
-                rejections=rejected.get(r.round_no, 0),
-                state=r.state,
-                closed_by=r.closed_by,
-                duration_s=None if r.closed_at is None else (r.closed_at - r.opened_at).total_seconds(),
-            )
+    rounds = [
+        RoundStats(
+            round=r.round_no,
+            participants=r.participants,
+            quorum=r.quorum,
+            late=r.late,
+            # The devices this task heard from that sent nothing this round (one update per device).
+            missing=history.task_devices - r.participants,
+            uplink_bytes=r.uplink_bytes,
+            downlink_bytes=(aggregate_bytes.get(r.round_no - 1) or 0) * r.participants,
+            accuracy=r.accuracy,
+            loss=r.loss,
+            density=r.density,
+            rejections=rejected.get(r.round_no, 0),
+            state=r.state,
+            closed_by=r.closed_by,
+            duration_s=None if r.closed_at is None else (r.closed_at - r.opened_at).total_seconds(),
         )
-    last_num_test: dict[str, int] = {}
-    for update in history.updates:
-        if (update.metrics or {}).get("num_test") is not None:
-            last_num_test[update.device_id] = int(update.metrics["num_test"])
+        for r in history.rounds
+    ]
     devices = [
         DeviceStats(
             device_id=m.device_id,
             accuracy=m.accuracy,
-            num_test=last_num_test.get(m.device_id),
+            num_test=history.num_test.get(m.device_id),
             density=(m.metrics or {}).get("density"),
             size_bytes=m.size_bytes,
             latency_ms=m.latency_ms,

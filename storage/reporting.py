@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, func, select
+from sqlalchemy import BigInteger, Connection, Engine, case, cast, event, func, select
 from sqlalchemy.engine import URL
 
 from fedmask.storage.engine import make_engine, normalize_url
@@ -49,17 +49,13 @@ class RoundRow:
     closed_at: dt.datetime | None
     closed_by: str | None
     aggregate_bytes: int | None  # the global state the round closed with (what the next round announces)
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    round_no: int
-    device_id: str
-    staleness: int
-    num_samples: int
-    payload_bytes: int
-    metrics: dict[str, Any]
-    received_at: dt.datetime
+    # Over the round's accepted updates, from the metrics they carried (None: no update reported it):
+    participants: int
+    late: int  # trained from an older round (staleness >= 1)
+    uplink_bytes: int
+    accuracy: float | None  # test accuracy, weighted by the test samples reported beside it
+    loss: float | None  # mean
+    density: float | None  # mean
 
 
 @dataclass(frozen=True)
@@ -86,9 +82,11 @@ class TaskHistory:
 
     task: TaskRow
     rounds: list[RoundRow]
-    updates: list[UpdateRow]  # oldest first
     rejections: list[RejectionCount]
     models: list[ModelRow]  # one per device: its newest model
+    task_devices: int  # devices that sent this task an update or a model
+    num_test: dict[str, int]  # per device: the test samples its newest update reported
+    open_round_reported: list[str]  # devices heard from in the newest open round, in arrival order
     fleet_devices: list[str] = field(default_factory=list)
 
 
@@ -139,12 +137,39 @@ def list_tasks(connection: Connection, only_pk: int | None = None) -> list[TaskR
 
 
 def task_history(connection: Connection, task_id: str) -> TaskHistory:
-    """One task's rounds, accepted updates (metadata and metrics, not payloads), rejections by round and
-    reason, final models and its fleet's devices. Raises ``StorageError`` for an unknown task."""
+    """One task's rounds with what their accepted updates add up to (counts, bytes, the metrics they
+    reported), rejections by round and reason, final models, the open round's reporters and the fleet's
+    devices. Raises ``StorageError`` for an unknown task."""
     pk = task_pk(connection, task_id)
     (task,) = list_tasks(connection, only_pk=pk)
+    # One grouped pass over the task's updates: the metrics are summed in SQL, not shipped row by row.
+    accuracy, tested = Update.metrics["test_accuracy"].as_float(), Update.metrics["num_test"].as_float()
+    per_round = (
+        select(
+            Update.round_pk,
+            func.count().label("participants"),
+            func.sum(case((Update.staleness > 0, 1), else_=0)).label("late"),
+            cast(func.sum(Update.payload_bytes), BigInteger).label("uplink_bytes"),
+            func.sum(accuracy * tested).label("correct"),
+            func.sum(case((accuracy.is_not(None), tested))).label("tested"),
+            func.avg(accuracy).label("accuracy_mean"),
+            func.avg(Update.metrics["loss"].as_float()).label("loss"),
+            func.avg(Update.metrics["density"].as_float()).label("density"),
+        )
+        .where(Update.task_pk == pk)
+        .group_by(Update.round_pk)
+        .subquery()
+    )
     rounds = [
-        RoundRow(*row)
+        RoundRow(
+            *row[:8],
+            participants=row.participants or 0,
+            late=int(row.late or 0),
+            uplink_bytes=int(row.uplink_bytes or 0),
+            accuracy=_weighted(row.correct, row.tested, row.accuracy_mean),
+            loss=_float(row.loss),
+            density=_float(row.density),
+        )
         for row in connection.execute(
             select(
                 Round.round_no,
@@ -155,30 +180,35 @@ def task_history(connection: Connection, task_id: str) -> TaskHistory:
                 Round.closed_at,
                 Round.closed_by,
                 Aggregate.payload_bytes,
+                *per_round.c[1:],
             )
             .outerjoin(Aggregate, Aggregate.round_pk == Round.id)
+            .outerjoin(per_round, per_round.c.round_pk == Round.id)
             .where(Round.task_pk == pk)
             .order_by(Round.round_no)
         )
     ]
-    updates = [
-        UpdateRow(*row)
-        for row in connection.execute(
-            select(
-                Round.round_no,
-                Device.device_id,
-                Update.staleness,
-                Update.num_samples,
-                Update.payload_bytes,
-                Update.metrics,
-                Update.received_at,
+    # Each device's newest update in the task: who worked on it, and its test-set size.
+    newest_update = select(func.max(Update.id)).where(Update.task_pk == pk).group_by(Update.device_pk)
+    last_tested = dict(
+        connection.execute(
+            select(Device.device_id, tested)
+            .join(Update, Update.device_pk == Device.id)
+            .where(Update.id.in_(newest_update))
+        ).all()
+    )
+    open_round = max((r.round_no for r in rounds if r.state == "open"), default=None)
+    reported = []
+    if open_round is not None:
+        reported = list(
+            connection.scalars(
+                select(Device.device_id)
+                .join(Update, Update.device_pk == Device.id)
+                .join(Round, Round.id == Update.round_pk)
+                .where(Round.task_pk == pk, Round.round_no == open_round)
+                .order_by(Update.id)
             )
-            .join(Round, Round.id == Update.round_pk)
-            .join(Device, Device.id == Update.device_pk)
-            .where(Update.task_pk == pk)
-            .order_by(Update.id)
         )
-    ]
     rejections = [
         RejectionCount(*row)
         for row in connection.execute(
@@ -215,8 +245,21 @@ def task_history(connection: Connection, task_id: str) -> TaskHistory:
     return TaskHistory(
         task=task,
         rounds=rounds,
-        updates=updates,
         rejections=rejections,
         models=sorted(newest.values(), key=lambda m: m.device_id),
+        task_devices=len(set(last_tested) | set(newest)),
+        num_test={device: int(n) for device, n in last_tested.items() if n is not None},
+        open_round_reported=reported,
         fleet_devices=fleet_devices,
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _weighted(correct: Any, tested: Any, mean: Any) -> float | None:
+    """Sample-weighted accuracy; the plain mean when no update reported its test-set size."""
+    if tested:
+        return float(correct) / float(tested)
+    return _float(mean)
