@@ -6,8 +6,9 @@ devices sent an update, a rejection per round, a model per device). Measured, me
 - baseline: one pass over all updates, ``SELECT count(*), sum(payload_bytes) FROM updates``;
 - ``task_history``: the read behind both views (read-only engine, one transaction);
 - a dashboard refresh of a task: ``/api/tasks/{task}`` (history, then the report model, then JSON),
-  served by the real app (uvicorn on a loopback port, fetched over HTTP);
-- one plot (``/api/tasks/{task}/plots/accuracy.png`` and ``device_accuracy.png``);
+  served by the real app (uvicorn on a loopback port, fetched over HTTP), its history cache off so
+  every request reads the store;
+- one plot (``/api/tasks/{task}/plots/accuracy.png`` and ``device_accuracy.png``), history read included;
 - the whole ``fedmask report`` (history, every plot, Markdown and HTML written).
 
     .venv/bin/python benchmarks/report.py [--rounds 100 --devices 1000] [--engines sqlite,postgresql]
@@ -64,7 +65,7 @@ def serve(engine: Any) -> tuple[str, Callable[[], None]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(engine, refresh_s=0.0), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

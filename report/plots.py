@@ -128,8 +128,17 @@ def rejections(fig: Any, reports: Sequence[TaskReport]) -> None:
     _finish(ax, "messages", "", "Rejections by reason")
 
 
-def _device_bars(ax: Any, reports: Sequence[TaskReport], value: Callable[[Any], float | None]) -> None:
+def _per_device(ax: Any, reports: Sequence[TaskReport], value: Callable[[Any], float | None]) -> str:
+    """One bar per device (grouped by task) for a small fleet; for a large one, each task's values
+    sorted, best first, as a line: readable, and drawn in milliseconds instead of seconds. Returns the
+    x axis label."""
     devices = sorted({d.device_id for r in reports for d in r.devices})
+    if len(devices) > MAX_DEVICE_LABELS:
+        for index, report in enumerate(reports):
+            ys = sorted((v for d in report.devices if (v := value(d)) is not None), reverse=True)
+            if ys:
+                ax.plot(range(1, len(ys) + 1), ys, color=f"C{index}", label=report.name)
+        return "devices, ranked"
     width = 0.8 / max(1, len(reports))
     for index, report in enumerate(reports):
         values = {d.device_id: value(d) for d in report.devices}
@@ -137,20 +146,20 @@ def _device_bars(ax: Any, reports: Sequence[TaskReport], value: Callable[[Any], 
         if points:
             xs, ys = zip(*points)
             ax.bar([x + index * width for x in xs], ys, width=width, color=f"C{index}", label=report.name)
-    if len(devices) <= MAX_DEVICE_LABELS:
-        ax.set_xticks(
-            [i + width * (len(reports) - 1) / 2 for i in range(len(devices))],
-            devices,
-            rotation=90,
-            fontsize="x-small",
-        )
+    ax.set_xticks(
+        [i + width * (len(reports) - 1) / 2 for i in range(len(devices))],
+        devices,
+        rotation=90,
+        fontsize="x-small",
+    )
+    return "device"
 
 
 def device_accuracy(fig: Any, reports: Sequence[TaskReport]) -> None:
     ax = fig.add_subplot()
-    _device_bars(ax, reports, lambda d: d.accuracy)
+    xlabel = _per_device(ax, reports, lambda d: d.accuracy)
     ax.set_ylim(0, 1)
-    _finish(ax, "device", "accuracy", "Final accuracy per device")
+    _finish(ax, xlabel, "accuracy", "Final accuracy per device")
 
 
 def device_models(fig: Any, reports: Sequence[TaskReport]) -> None:
@@ -161,8 +170,8 @@ def device_models(fig: Any, reports: Sequence[TaskReport]) -> None:
     )
     for position, (value, ylabel, title) in enumerate(panels, start=1):
         ax = fig.add_subplot(3, 1, position)
-        _device_bars(ax, reports, value)
-        _finish(ax, "device" if position == 3 else "", ylabel, title)
+        xlabel = _per_device(ax, reports, value)
+        _finish(ax, xlabel if position == 3 else "", ylabel, title)
 
 
 def _from_store(reports: Sequence[TaskReport]) -> bool:
