@@ -204,3 +204,28 @@ def test_a_store_keeps_one_run_per_task_id(sqlite_runs, tmp_path: Path) -> None:
         run_into_store(url, "fedmask", tmp_path)
     with Store(url) as store:
         assert [r.participants for r in store.list_rounds(task_id=task)] == [4, 4, 4]
+
+
+def test_a_large_fleet_is_drawn_as_ranked_lines() -> None:
+    """Past MAX_DEVICE_LABELS devices the per-device plots rank values instead of drawing a bar each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedmask.report import plots
+    from fedmask.report.model import DeviceStats, TaskReport
+
+    devices = [DeviceStats(f"d{i:03d}", accuracy=(i % 10) / 10, density=0.3) for i in range(120)]
+    report = TaskReport(name="big", source="store", strategy="fedmask", devices=devices)
+    fig = plt.figure()
+    try:
+        plots.device_accuracy(fig, [report])
+        (ax,) = fig.axes
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == list(range(1, 121))
+        assert list(line.get_ydata()) == sorted((d.accuracy for d in devices), reverse=True)
+        assert not ax.patches and ax.get_xlabel() == "devices, ranked"
+    finally:
+        plt.close(fig)
+    assert png_size(plots.render("device_models", [report]))[0] > 0
