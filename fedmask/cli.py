@@ -25,6 +25,7 @@ COMPONENTS = (
     "fedmask.aggregator.cli",
     "fedmask.device_agent.cli",
     "fedmask.storage.cli",
+    "fedmask.report.cli",
     "fedmask.broker_config.cli",
 )
 

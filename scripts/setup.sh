@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (idempotent; quick when everything is there):
-# system packages (Mosquitto, RabbitMQ for the cluster tests, Fashion-MNIST), a virtualenv in .venv
-# with the project and its dev tools, and, for the tests, a running PostgreSQL.
+# system packages (Mosquitto, RabbitMQ for the cluster tests, Chromium for the dashboard tests,
+# Fashion-MNIST), a virtualenv in .venv with the project and its dev tools, and, for the tests, a
+# running PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_packag
 # The clustered-broker tests start RabbitMQ nodes of their own (MQTT plugin); none is left running.
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_packages+=(rabbitmq-server)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
+# Headless Chromium and its WebDriver: the dashboard's tests drive a real browser.
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+[ -x /usr/bin/chromedriver ] || apt_packages+=(chromium-driver)
 if ((${#apt_packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${apt_packages[*]}"

@@ -157,6 +157,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hyperparameter, e.g. fedmask.lr=0.1 (repeatable; config file: a mapping strategy -> "
         "{key: value})",
     )
+    # Not FEDMASK_DB / `db:` as the store commands: a simulation writes into a fleet's store only when
+    # told so for this command, never because the environment points the operator's tools at it.
+    add_option(
+        p,
+        "--db",
+        metavar="URL",
+        file_key="simulation_db",
+        help="keep the run's tasks in this store (MQTT transport; config key simulation_db, env "
+        "FEDMASK_SIMULATION_DB; default: a SQLite file per strategy in --output-dir, replaced each run), "
+        "to read it with `fedmask report` and `fedmask dashboard` as a deployment's",
+    )
     add_option(p, "--progress", action=argparse.BooleanOptionalAction, help="progress bar")
     p.set_defaults(handler=run)
 
@@ -194,6 +205,7 @@ def simulation_config(args: argparse.Namespace) -> Any:
         device_classes=_strategies(args.device_classes) if args.device_classes else [],
         tflite_devices=args.tflite_devices,
         mask_codings=_strategies(args.mask_codings),
+        db=args.db,
     )
     return validate(config)
 
@@ -209,5 +221,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     document = run_simulation(config, progress=args.progress)
     print(markdown_table(document))
-    print(f"results in {config.output_dir}/ (results.json, results.md, accuracy.png, uplink.png)")
+    print(f"results in {config.output_dir}/ (results.json, results.md, report.html, report.md, plots)")
+    if config.db:
+        tasks = " ".join(f"--task {m['task_id']}" for m in document["methods"].values() if "task_id" in m)
+        print(f"stored in {config.db_shown}: fedmask report --db {config.db_shown} {tasks}")
     return 0

@@ -53,12 +53,25 @@ class SimulationConfig:
     device_classes: list[str] = field(default_factory=list)
     tflite_devices: int = 8  # devices whose final model's TFLite latency is measured (0: none)
     fleet: str = "sim"
+    # A store (database URL) the MQTT transport keeps every strategy's task in; None: a SQLite file per
+    # strategy in output_dir, replaced on every run.
+    db: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["data_root"] = str(self.data_root) if self.data_root else None
+        d["db"] = self.db_shown  # results.json is shared: never with the database password
         return d
+
+    @property
+    def db_shown(self) -> str | None:
+        """``db`` as printed and recorded: the password masked."""
+        if not self.db:
+            return None
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.db).render_as_string(hide_password=True)
 
 
 # -- validation -----------------------------------------------------------------------------------------
@@ -175,6 +188,15 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--agent-processes", config.agent_processes, allow_none=True)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
+    if config.db:
+        from fedmask.storage.cli import database_url
+
+        database_url(config.db)  # a malformed URL is a ConfigError naming --db
+    if config.db and config.transport != "mqtt":
+        raise ConfigError(
+            f"--db {config.db_shown}: only the MQTT transport has an aggregator that stores the run; "
+            "use --transport mqtt (the in-process run is reported from results.json)"
+        )
     from fedmask.protocol.mask_coding import FULL, MASK_CODINGS
 
     unknown = [c for c in config.mask_codings if c not in MASK_CODINGS]

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from fedmask.config import ConfigError
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
 from fedmask.strategies import TaskSpec
@@ -38,7 +39,9 @@ class MqttRun:
         self.spec = spec
         self.train_workers = train_workers or max(1, (os.cpu_count() or 2) // 2)
         self.agent_processes = agent_processes or getattr(config, "agent_processes", None)
-        self.db_url = f"sqlite:///{Path(config.output_dir).resolve() / f'fedmask-{spec.strategy}.db'}"
+        # A store the user named keeps every run; the default per-strategy file is replaced each run.
+        default = Path(config.output_dir).resolve() / f"fedmask-{spec.strategy}.db"
+        self.db_url = config.db or f"sqlite:///{default}"
 
     def run(self, progress=None, timeout_s: float = 3600.0) -> MethodResult:
         import torch
@@ -60,19 +63,26 @@ class MqttRun:
             "max_payload": cfg.max_payload,
         }
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        db_file = Path(self.db_url.removeprefix("sqlite:///"))
-        for stale in (
-            db_file,
-            db_file.with_name(db_file.name + "-wal"),
-            db_file.with_name(db_file.name + "-shm"),
-        ):
-            stale.unlink(missing_ok=True)
+        if not cfg.db:
+            db_file = Path(self.db_url.removeprefix("sqlite:///"))
+            for stale in (
+                db_file,
+                db_file.with_name(db_file.name + "-wal"),
+                db_file.with_name(db_file.name + "-shm"),
+            ):
+                stale.unlink(missing_ok=True)
         started = time.perf_counter()
         task = build_task(
             cfg.fleet, self.spec, schedule, task_id=f"{cfg.fleet}-{self.spec.strategy}-{self.spec.seed}"
         )
         store = Store(self.db_url)
         store.upgrade()
+        if cfg.db and _has_task(store, task.task_id):
+            store.close()
+            raise ConfigError(
+                f"--db {cfg.db_shown} already holds task {task.task_id!r}; choose another --fleet or --seed "
+                "(the task id is FLEET-STRATEGY-SEED) or another store"
+            )
         state_dir = Path(cfg.output_dir) / f"agents-{self.spec.strategy}"
         for old in state_dir.glob("*.npz"):
             old.unlink()
@@ -179,6 +189,7 @@ class MqttRun:
                 )
             )
         result.extra["bytes_published_by_agents"] = sum(a.bytes_sent for a in agents)
+        result.extra["task_id"] = task.task_id  # the run's task in the store
         return result
 
 
@@ -197,6 +208,16 @@ def _quiet_fleet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _has_task(store, task_id: str) -> bool:
+    from fedmask.storage import StorageError
+
+    try:
+        store.list_rounds(task_id=task_id)
+    except StorageError:  # unknown task
+        return False
+    return True
 
 
 def _unpack(data: bytes):

@@ -1,4 +1,5 @@
-"""Writes a run's results: results.json, results.md (a table) and PNG plots."""
+"""Writes a run's results: results.json, results.md (a table), and the report (report.md, report.html and
+PNG plots) through `fedmask.report`, the code behind `fedmask report`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmask.report import render
+from fedmask.report.model import TaskReport, from_results
 from fedmask.simulator.results import MethodResult
 
 SUMMARY_COLUMNS = (
@@ -66,45 +69,15 @@ def per_round_bits(document: dict[str, Any]) -> list[str]:
     return out
 
 
+def task_reports(document: dict[str, Any]) -> list[TaskReport]:
+    """Each method of the run as a report: the shape `fedmask report` draws from a store."""
+    return [from_results(name, method, document) for name, method in document["methods"].items()]
+
+
 def plot(document: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Accuracy per round and uplink bits per round, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, ylabel, name, transform in (
-        ("accuracy_mean", "personalized test accuracy", "accuracy.png", lambda r, m: r["accuracy_mean"]),
-        (
-            "uplink_bytes",
-            "uplink bits per parameter per device",
-            "uplink.png",
-            lambda r, m: (
-                r["uplink_bytes"] * 8 / max(1, len(r["participants"])) / max(1, m["params_per_update"])
-            ),
-        ),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, m in document["methods"].items():
-            points = [(r["round"], transform(r, m)) for r in m["rounds"] if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=3, label=method)
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        if key == "uplink_bytes":
-            ax.set_yscale("log")
-        ax.set_title(f"{document['dataset']} ({document['partition']})")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():  # a method without rounds (the FT-only ablation) draws nothing
-            ax.legend()
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    """The report's plots and pages (report.md, self-contained report.html), drawn by the same code
+    as `fedmask report`: accuracy.png, uplink.png, participation.png, traffic.png, device_*.png."""
+    return render.write(task_reports(document), out_dir)["images"]
 
 
 def write_report(out_dir: Path, header: dict[str, Any], methods: dict[str, MethodResult]) -> dict[str, Any]:

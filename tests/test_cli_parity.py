@@ -50,6 +50,7 @@ FLAGS = {
     "device_classes": ("--device-classes", "device_classes"),
     "tflite_devices": ("--tflite-devices", "tflite_devices"),
     "mask_codings": ("--mask-codings", "mask_codings"),
+    "db": ("--db", "simulation_db"),
 }
 MAPPINGS = ("arch_kwargs", "mask_config", "dataset_kwargs")
 
