@@ -36,6 +36,7 @@ COPY simulator/ simulator/
 COPY aggregator/ aggregator/
 COPY device_agent/ device_agent/
 COPY storage/ storage/
+COPY report/ report/
 COPY broker_config/ broker_config/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
@@ -46,10 +47,12 @@ FROM base AS torch
 ARG TORCH_INDEX_URL=""
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 
-# --- cloud aggregator: the SQL store (SQLite or PostgreSQL) -----------------------------------------
+# --- cloud aggregator: the SQL store (SQLite or PostgreSQL), and the operator's report and dashboard
+# (`docker run --entrypoint fedmask IMAGE dashboard --host 0.0.0.0 --db URL`, port 8050) -----------
 FROM torch AS aggregator
 COPY --from=build /wheels/ /tmp/wheels/
-RUN pip install "$(ls /tmp/wheels/fedmask-*.whl)[store]" && rm -rf /tmp/wheels
+RUN pip install "$(ls /tmp/wheels/fedmask-*.whl)[store,report]" && rm -rf /tmp/wheels
+EXPOSE 8050
 USER fedmask
 WORKDIR /var/lib/fedmask
 VOLUME ["/var/lib/fedmask"]
