@@ -51,8 +51,12 @@ class Call:
 
 
 def failure(call: Call, detail: str, what: str | None = None) -> str:
-    """A device call's failure as one message that says where it happened."""
-    return f"device {call.device} round {call.round_no} ({what or call.kind}) failed: {detail.strip()}"
+    """A device call's failure as one line that says where it happened (the worker's traceback, if
+    any, is logged at debug level)."""
+    summary, _, trace = detail.strip().partition("\n\n")
+    if trace:
+        logger.debug("device %s round %d: worker traceback:\n%s", call.device, call.round_no, trace)
+    return f"device {call.device} round {call.round_no} ({what or call.kind}) failed: {summary}"
 
 
 class DeviceHost:
@@ -97,11 +101,11 @@ class DeviceHost:
             client.data = data
 
     def handle(self, method: str, args: tuple) -> tuple[bool, Any]:
-        """A request from the parent: ``(True, result)`` or ``(False, formatted traceback)``."""
+        """A request from the parent: ``(True, result)`` or ``(False, "Type: message\n\ntraceback")``."""
         try:
             return True, getattr(self, method)(*args)
-        except Exception:
-            return False, traceback.format_exc(limit=-8)
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc(limit=-8)}"
 
 
 class SequentialExecutor:
@@ -234,7 +238,10 @@ def _worker_main(conn, spec: TaskSpec) -> None:
             method, args = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(host.handle(method, args))
+        try:
+            conn.send(host.handle(method, args))
+        except (BrokenPipeError, OSError):  # the parent is gone or stopped listening
+            return
 
 
 class ProcessPool(WorkerPool):
@@ -344,10 +351,13 @@ class RayHost(DeviceHost):
         super().__init__(spec)
 
     def run(self, call: Call, body: Any = None, data: DeviceData | None = None, state: bytes | None = None):
-        if data is not None:  # Ray hands arrays over read-only (shared memory); torch wants its own
+        # Ray hands arrays over read-only (shared memory); torch wants writable ones.
+        if data is not None:
             data = dataclasses.replace(
                 data, **{k: np.array(getattr(data, k)) for k in ("x_train", "y_train", "x_test", "y_test")}
             )
+        if isinstance(body, dict):
+            body = {name: np.array(value) for name, value in body.items()}
         return super().run(call, body, data, state)
 
 
