@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import pickle
 import signal
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -101,9 +102,11 @@ class DeviceHost:
             client.data = data
 
     def handle(self, method: str, args: tuple) -> tuple[bool, Any]:
-        """A request from the parent: ``(True, result)`` or ``(False, "Type: message\n\ntraceback")``."""
+        """A request: ``(True, (result, seconds))`` or ``(False, "Type: message\n\ntraceback")``."""
         try:
-            return True, getattr(self, method)(*args)
+            started = time.perf_counter()
+            result = getattr(self, method)(*args)
+            return True, (result, time.perf_counter() - started)
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc(limit=-8)}"
 
@@ -113,15 +116,18 @@ class SequentialExecutor:
 
     def __init__(self, spec: TaskSpec, devices: Sequence[DeviceData]) -> None:
         self.host = DeviceHost(spec, {d.device_id: d for d in devices})
+        self.device_s = 0.0  # seconds the devices of the last ``run`` computed, summed over devices
 
     def run(self, kind: str, devices: Sequence[str], round_no: int, body: Any) -> dict[str, Any]:
         results = {}
+        started = time.perf_counter()
         for device in devices:
             call = Call(kind, device, round_no, (kind, round_no))
             try:
                 results[device] = self.host.run(call, body)
             except Exception as exc:
                 raise RunError(failure(call, f"{type(exc).__name__}: {exc}")) from exc
+        self.device_s = time.perf_counter() - started
         return results
 
     def close(self) -> None:
@@ -163,6 +169,7 @@ class WorkerPool:
         self.holder: dict[str, int] = {}  # device -> worker holding its client half
         self.has_data: set[tuple[int, str]] = set()
         self.body_key: dict[int, Any] = {}
+        self.device_s = 0.0  # seconds the devices of the last ``run`` computed, summed over devices
 
     def cost(self, kind: str) -> Callable[[str], float]:
         if kind == "evaluate":
@@ -182,6 +189,7 @@ class WorkerPool:
         results: dict[str, Any] = {}
         busy: dict[int, tuple[str, Call]] = {}
         key = (kind, round_no)
+        self.device_s = 0.0
         while len(results) < len(devices):
             for w, queue in queues.items():
                 if w in busy or not queue:
@@ -201,10 +209,12 @@ class WorkerPool:
                 method, call = busy.pop(w)
                 if not ok:
                     raise RunError(failure(call, value, "handing over" if method == "export" else None))
+                value, seconds = value
                 if method == "export":
                     states[call.device] = value
                 else:
                     results[call.device] = value
+                    self.device_s += seconds
         return results
 
     def _run_args(self, w: int, call: Call, body: Any, state: bytes | None) -> tuple:

@@ -159,6 +159,7 @@ class InProcessRun:
             t = time.perf_counter()
             fits = executor.run("fit", participants, round_no, global_body)
             timings["train"] += time.perf_counter() - t  # wall time: devices may train in parallel
+            timings["train_device_s"] = executor.device_s  # summed over devices: the training work
             for device_id in participants:  # in participant order, whichever worker finished first
                 fit = fits[device_id]
                 t = time.perf_counter()
