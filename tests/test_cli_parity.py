@@ -49,6 +49,9 @@ FLAGS = {
     "device_classes": ("--device-classes", "device_classes"),
     "tflite_devices": ("--tflite-devices", "tflite_devices"),
     "mask_codings": ("--mask-codings", "mask_codings"),
+    "workers": ("--workers", "workers"),
+    "backend": ("--backend", "backend"),
+    "ray_address": ("--ray-address", "ray_address"),
 }
 MAPPINGS = ("arch_kwargs", "mask_config", "dataset_kwargs")
 
