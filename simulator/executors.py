@@ -321,7 +321,9 @@ class RayPool(WorkerPool):
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+            # A local instance is ours to configure; an existing cluster is joined as it is.
+            local = {"include_dashboard": False} if address is None else {}
+            ray.init(address=address, logging_level=logging.WARNING, **local)
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         super().__init__(spec, devices, workers)
