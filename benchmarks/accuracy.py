@@ -7,7 +7,8 @@ Dirichlet alpha=0.3 (50 devices, 10 per round), Shakespeare by speaker (a budget
 learns). Every method sees the same partition, seed, rounds and local epochs (``local`` trains every
 device every round: it needs no network); communication is counted from encoded messages. Each
 (workload, seed) cell is one ``fedmask simulate`` configuration (see ``benchmark_config``), run with
-every method; cells run in ``--jobs`` worker processes.
+every method; cells run in ``--jobs`` worker processes, and each cell's devices in ``--workers``
+processes of its own (``--backend ray``: actors of a Ray cluster; bit-identical results either way).
 
 Per method it reports, mean and std over seeds: personalized test accuracy (sample-weighted) and its
 10th percentile over devices, uplink bits per parameter, final mask density (per layer too), the
@@ -16,6 +17,7 @@ dead class (a class of their own training data their model never predicts).
 
     python benchmarks/accuracy.py            # default size: 3 seeds (< 90 min on 2 cores with --jobs 2)
     python benchmarks/accuracy.py --quick    # smoke size: 1 seed (< 3 min)
+    python benchmarks/accuracy.py --jobs 1 --workers 32   # one cell at a time, its devices on 32 cores
 
 Writes <out>/<workload>/seed-<n>/results.{json,md} and PNGs, <out>/accuracy.{json,md} and a table.
 """
@@ -122,6 +124,7 @@ def benchmark_config(
     strategies: list[str] | None = None,
     output_dir: Path | None = None,
     data_root: Path | None = None,
+    **executor,
 ):
     """The SimulationConfig of one (workload, seed) cell: what ``fedmask simulate`` runs for it
     (``tests/test_cli_parity.py`` checks that flags and config files express exactly this)."""
@@ -138,6 +141,7 @@ def benchmark_config(
         data_root=data_root,
         transport="inproc",
         **settings,
+        **executor,  # workers, backend, ray_address: where the cell's devices train
     )
 
 
@@ -209,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", help="data sets directory (default ../shared/datasets)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument(
+        "--workers", type=int, help="each cell's devices train in this many processes (or Ray actors)"
+    )
+    parser.add_argument("--backend", default="local", choices=["local", "ray"], help="where workers run")
+    parser.add_argument("--ray-address", help="Ray cluster to join (with --backend ray; then use --jobs 1)")
+    parser.add_argument(
         "--summarize-only",
         action="store_true",
         help="no runs: summarize the cells already in --out (e.g. after an interrupted run)",
@@ -233,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 strategies=args.strategies.split(","),
                 output_dir=out / name / f"seed-{seed}",
                 data_root=Path(args.data_root) if args.data_root else None,
+                workers=args.workers,
+                backend=args.backend,
+                ray_address=args.ray_address,
             ),
         )
         for seed in seeds  # seed-major: every workload's first seed is done first

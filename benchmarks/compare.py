@@ -12,6 +12,7 @@ two compare at equal uplink; FedPM resets its Beta posterior every 1 / (particip
     python benchmarks/compare.py                 # default size (< 60 min on 2 idle cores)
     python benchmarks/compare.py --quick         # smoke size (< 5 min)
     python benchmarks/compare.py --no-tune       # reuse <out>/tuning.json
+    python benchmarks/compare.py --workers 2     # each round's devices in 2 processes (same results)
 
 Writes <out>/compare.json, <out>/compare.md, <out>/accuracy_vs_traffic.png, <out>/device_accuracy.png,
 <out>/tuning.json; prints the tables.
@@ -86,6 +87,9 @@ def workload_config(name: str, quick: bool, args: argparse.Namespace) -> Simulat
         output_dir=args.out / name,
         data_root=args.data_root,
         transport="inproc",
+        workers=args.workers,
+        backend=args.backend,
+        ray_address=args.ray_address,
         **settings,
     )
 
@@ -155,7 +159,11 @@ def local_cost(
     result: MethodResult, data: FederatedDataset, method: str, epochs: int, macs_per_example: int
 ) -> dict[str, float]:
     """Median seconds of local training per device and round, and the MAC/FLOP estimate of one."""
-    per_device = [r.timings.get("train", 0.0) / len(r.participants) for r in result.rounds if r.participants]
+    per_device = [
+        r.timings.get("train_device_s", r.timings.get("train", 0.0)) / len(r.participants)
+        for r in result.rounds
+        if r.participants
+    ]
     train_sizes = {d.device_id: d.num_train for d in data.devices}
     samples = [train_sizes[p] for r in result.rounds for p in r.participants]
     macs = statistics.fmean(samples) * epochs * macs_per_example * GRADIENT_PASSES.get(method, 1.0)
@@ -295,6 +303,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="torch threads (default 1: these small models run fastest single-threaded on a shared CPU)",
     )
+    parser.add_argument(
+        "--workers", type=int, help="devices of a round train in this many processes (or Ray actors)"
+    )
+    parser.add_argument("--backend", default="local", choices=["local", "ray"], help="where workers run")
+    parser.add_argument("--ray-address", help="Ray cluster to join (with --backend ray)")
     parser.add_argument("--figures-dir", type=Path, help="also copy the PNGs here (e.g. docs/results)")
     args = parser.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]

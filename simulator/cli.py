@@ -150,6 +150,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_option(
         p,
+        "--workers",
+        type=int,
+        help="devices of a round train in this many worker processes (--transport inproc; default 1: in "
+        "this process) or Ray actors (--backend ray; default: one per CPU of the cluster); results are "
+        "bit-identical",
+    )
+    add_option(
+        p,
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="where workers run: local processes, or actors on a Ray cluster",
+    )
+    add_option(p, "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (default: start one)")
+    add_option(
+        p,
         "--hyper",
         action="append",
         metavar="S.K=V",
@@ -206,6 +222,9 @@ def simulation_config(args: argparse.Namespace) -> Any:
         tflite_devices=args.tflite_devices,
         mask_codings=_strategies(args.mask_codings),
         db=args.db,
+        workers=args.workers,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
     return validate(config)
 

@@ -20,6 +20,7 @@ from fedmask.config import ConfigError, check_arch_kwargs, check_mask_config, su
 
 DEFAULT_MAX_PAYLOAD = 128 * 1024
 TRANSPORTS = ("inproc", "mqtt")
+BACKENDS = ("local", "ray")
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ class SimulationConfig:
     # A store (database URL) the MQTT transport keeps every strategy's task in; None: a SQLite file per
     # strategy in output_dir, replaced on every run.
     db: str | None = None
+    # Where devices train (inproc transport): "local" in `workers` processes (1: in this process, one
+    # after another), or "ray" on `workers` actors (None: one per CPU) of the cluster at `ray_address`
+    # (None: a local instance). Results are bit-identical either way (simulator.executors).
+    workers: int | None = None
+    backend: str = "local"
+    ray_address: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -166,6 +173,25 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
+def _check_executor(config: SimulationConfig) -> None:
+    _positive_int("--workers", config.workers, allow_none=True)
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"--backend {config.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if config.ray_address and config.backend != "ray":
+        raise ConfigError("--ray-address: only with --backend ray")
+    parallel = config.backend == "ray" or (config.workers or 1) > 1
+    if parallel and config.transport != "inproc":
+        raise ConfigError(
+            "--workers/--backend ray: devices train in parallel with --transport inproc only "
+            "(over MQTT every simulated device is already its own agent)"
+        )
+    if config.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--backend ray: Ray is not installed; pip install 'fedmask[ray]'") from exc
+
+
 def validate(config: SimulationConfig) -> SimulationConfig:
     """Raise ``ConfigError`` for anything in ``config`` that the run would trip over later."""
     from fedmask.datasets.workloads import WORKLOADS
@@ -197,6 +223,7 @@ def validate(config: SimulationConfig) -> SimulationConfig:
             f"--db {config.db_shown}: only the MQTT transport has an aggregator that stores the run; "
             "use --transport mqtt (the in-process run is reported from results.json)"
         )
+    _check_executor(config)
     from fedmask.protocol.mask_coding import FULL, MASK_CODINGS
 
     unknown = [c for c in config.mask_codings if c not in MASK_CODINGS]

@@ -25,7 +25,8 @@ from fedmask.protocol import mask_bases, messages
 from fedmask.protocol.chunking import wire_size
 from fedmask.protocol.mask_coding import CONTEXT, conditional_entropy_bits
 from fedmask.simulator.config import SimulationConfig
-from fedmask.simulator.model_stats import device_stats, summarize, tflite_speedup
+from fedmask.simulator.executors import make_executor
+from fedmask.simulator.model_stats import summarize, tflite_speedup
 from fedmask.simulator.results import DeviceResult, MethodResult, RoundRecord
 from fedmask.strategies import ClientUpdate, TaskSpec, get_strategy
 from fedmask.strategies.base import Body
@@ -120,12 +121,18 @@ class InProcessRun:
         return payload, arrays(decoded.body)
 
     def run(self, progress: Progress | None = None) -> MethodResult:
+        executor = make_executor(self.config, self.spec, self.data.devices)
+        try:
+            return self._run(executor, progress)
+        finally:
+            executor.close()  # also on Ctrl-C: no worker outlives the run
+
+    def _run(self, executor, progress: Progress | None) -> MethodResult:
         cfg, spec = self.config, self.spec
         strategy = get_strategy(spec.strategy)
         started = time.perf_counter()
         server = strategy.server(spec)
-        clients = {d.device_id: strategy.client(spec, d) for d in self.data.devices}
-        device_ids = list(clients)
+        device_ids = [d.device_id for d in self.data.devices]
         codings = cfg.mask_codings
         self.device_bases = {d: mask_bases.DeviceBases(codings) for d in device_ids}
         result = MethodResult(strategy=spec.strategy, params_per_update=params_per_update(server))
@@ -149,10 +156,12 @@ class InProcessRun:
             self.server_bases.announce(round_no, body)
             timings["encode"] += time.perf_counter() - t
             up_entropy, up_params = 0.0, 0
-            for device_id in participants:
-                t = time.perf_counter()
-                fit = clients[device_id].fit(global_body, round_no)
-                timings["train"] += time.perf_counter() - t
+            t = time.perf_counter()
+            fits = executor.run("fit", participants, round_no, global_body)
+            timings["train"] += time.perf_counter() - t  # wall time: devices may train in parallel
+            timings["train_device_s"] = executor.device_s  # summed over devices: the training work
+            for device_id in participants:  # in participant order, whichever worker finished first
+                fit = fits[device_id]
                 t = time.perf_counter()
                 books = self.device_bases[device_id]
                 payload = messages.encode(
@@ -203,7 +212,8 @@ class InProcessRun:
             if cfg.eval_every and (round_no % cfg.eval_every == 0 or round_no == rounds):
                 # Personalized accuracy as each device would end now (before the next merge).
                 _, latest = self._announce(round_no + 1, body)
-                record.accuracy_mean = weighted_accuracy([clients[d].evaluate(latest) for d in device_ids])
+                evals = executor.run("evaluate", device_ids, round_no, latest)
+                record.accuracy_mean = weighted_accuracy([evals[d] for d in device_ids])
             record.set_mask_bits(
                 result.params_per_update,
                 up_params=up_params,
@@ -223,10 +233,10 @@ class InProcessRun:
         _, final_body = self._announce(rounds + 1, body)
         by_id = {d.device_id: d for d in self.data.devices}
         stats = {}
-        for device_id, client in clients.items():
-            final = client.finalize(final_body)
+        finals = executor.run("finalize", device_ids, rounds + 1, final_body)
+        for device_id in device_ids:
+            final, stats[device_id] = finals[device_id]
             self.finals[device_id] = final
-            stats[device_id] = device_stats(final.model, by_id[device_id])
             result.devices.append(
                 DeviceResult(
                     device_id=device_id,

@@ -100,6 +100,10 @@ def run_simulation(config: SimulationConfig, progress: bool | None = None) -> di
                 raise ValueError(f"unknown transport {config.transport!r}; choose inproc or mqtt")
     finally:
         bar.close()
+        if config.backend == "ray":
+            from fedmask.simulator.executors import stop_ray
+
+            stop_ray()
     header = {
         "dataset": config.dataset,
         "partition": data.partition,

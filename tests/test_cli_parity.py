@@ -51,6 +51,9 @@ FLAGS = {
     "tflite_devices": ("--tflite-devices", "tflite_devices"),
     "mask_codings": ("--mask-codings", "mask_codings"),
     "db": ("--db", "simulation_db"),
+    "workers": ("--workers", "workers"),
+    "backend": ("--backend", "backend"),
+    "ray_address": ("--ray-address", "ray_address"),
 }
 MAPPINGS = ("arch_kwargs", "mask_config", "dataset_kwargs")
 
