@@ -125,7 +125,9 @@ def test_a_worker_that_dies_is_reported_with_device_and_round(hmp_small, tmp_pat
                 child.kill()
 
     run.on_update = kill_a_worker
-    with pytest.raises(RunError, match=r"device \S+ round 1 \(evaluate\) failed: worker \d \(pid \d+\) died"):
+    with pytest.raises(
+        RunError, match=r"device \S+ round 1 \((fit|evaluate)\) failed: worker \d \(pid \d+\) died"
+    ):
         run.run()
     assert not _workers(psutil.Process())
 
