@@ -445,6 +445,19 @@ class MqttConnection:
             raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
         return info
 
+    def wait_published(self, sent: list[mqtt.MQTTMessageInfo], timeout_s: float = 30.0) -> None:
+        """Wait for the PUBACKs of several ``publish(..., wait=False)`` calls, all within ``timeout_s``
+        (one round trip for a burst, not one per message); raises like ``publish``."""
+        deadline = time.monotonic() + timeout_s
+        for info in sent:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TransportError(f"no PUBACK for mid {info.mid} within {timeout_s:g} s")
+            with self._lock:
+                failure = self._puback_failures.pop(info.mid, None)
+            if failure is not None:
+                raise TransportError(f"broker refused publish mid {info.mid}: {failure.getName()}")
+
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
         # Runs before paho marks the message published, so publish() sees the reason code.
         with self._lock:
