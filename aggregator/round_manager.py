@@ -66,6 +66,7 @@ class RoundTiming:
     opened: float
     closed: float | None = None
     aggregate_s: float | None = None  # stored updates decoded, aggregated, aggregate committed
+    announce_s: float | None = None  # the next round opened and its announcement coded (not published)
 
 
 @dataclass
@@ -374,7 +375,10 @@ class RoundManager:
             (closed - started) * 1e3,
             ", ".join(missing) or "nobody",
         )
-        return self._after_close(number)
+        out = self._after_close(number)
+        if number in self.timings:
+            self.timings[number].announce_s = time.perf_counter() - closed
+        return out
 
     # ----- inbound -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import datetime as dt
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import Connection, delete, select
 
 from fedmask.storage import validation
@@ -63,7 +64,7 @@ def replace_masks(
             "round_no": round_no,
             "num_bits": num_bits,
             "digest": digest,
-            "bits": zlib.compress(packed, 6),
+            "bits": _compress(packed),
             "updated_at": now,
         }
         for device_pk, (round_no, entries) in masks.items()
@@ -71,6 +72,14 @@ def replace_masks(
     ]
     if rows:
         connection.execute(MaskBase.__table__.insert(), rows)
+
+
+def _compress(packed: bytes) -> bytes:
+    """zlib, working only where it pays: bits near half density do not compress, and trying costs
+    ~0.3 ms per 10 KB mask on the ingest path (level 0 only frames them)."""
+    ones = int(np.bitwise_count(np.frombuffer(packed, dtype=np.uint8)).sum(dtype=np.int64))
+    density = ones / (8 * len(packed)) if packed else 0.5
+    return zlib.compress(packed, 1 if abs(density - 0.5) > 0.3 else 0)
 
 
 def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:

@@ -296,7 +296,7 @@ class Store:
     ) -> list[bool]:
         hot = hot_statements(connection.dialect.name)
         task = self._task(connection, task_id)
-        device_pks = [self._device_pk(connection, task.fleet_pk, row["device_id"], now) for row in rows]
+        device_pks = self._device_pks_of(connection, task.fleet_pk, [row["device_id"] for row in rows], now)
         round_row = connection.execute(
             hot.round_state, {"task_pk": task.pk, "round_no": round_no}
         ).one_or_none()
@@ -634,6 +634,20 @@ class Store:
             raise StorageError(f"unknown task {task_id!r}; register_task() it first")
         ref = self._tasks[task_id] = _TaskRef(row.id, row.fleet_pk)
         return ref
+
+    def _device_pks_of(
+        self, connection: Connection, fleet_pk: int, device_ids: list[str], now: dt.datetime
+    ) -> list[int]:
+        """``_device_pk`` of many devices: one query for those not cached (a fleet's first round)."""
+        missing = sorted({d for d in device_ids if (fleet_pk, d) not in self._device_pks})
+        if missing:
+            for device_id, pk in connection.execute(
+                select(Device.device_id, Device.id).where(
+                    Device.fleet_pk == fleet_pk, Device.device_id.in_(missing)
+                )
+            ):
+                self._device_pks[(fleet_pk, device_id)] = pk
+        return [self._device_pk(connection, fleet_pk, d, now) for d in device_ids]
 
     def _device_pk(self, connection: Connection, fleet_pk: int, device_id: str, now: dt.datetime) -> int:
         key = (fleet_pk, device_id)
