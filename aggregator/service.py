@@ -36,7 +36,7 @@ from fedmask.protocol.mask_bases import plain
 from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
-from fedmask.protocol.transport import MqttConnection, ReceivedMessage
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class AggregatorService:
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
         self._waiting: list[_Waiting] = []
+        self._unconfirmed: list = []  # receipts published, PUBACK not waited for yet
         self._outbound: list[Outbound] = []
         self._batch_opened = 0.0
         self._batch_due = threading.Condition(self._lock)
@@ -129,6 +130,8 @@ class AggregatorService:
             manual_ack=True,
             dispatch="worker",
             on_connect=self._on_connect,
+            # A batch can only fill with messages the broker sends before we ack any of them.
+            receive_maximum=min(2 * batch_max, 65535),
         )
         self._ticker = threading.Thread(target=self._tick_loop, name="aggregator-ticker", daemon=True)
         self._flusher = threading.Thread(target=self._flush_loop, name="aggregator-flusher", daemon=True)
@@ -196,9 +199,10 @@ class AggregatorService:
 
     # ----- publishing -------------------------------------------------------------------------
 
-    def _publish(self, outbound: list[Outbound]) -> None:
-        """Publish everything, then wait for the broker's PUBACKs: one round trip, not one per message."""
-        sent = []
+    def _publish(self, outbound: list[Outbound], *, wait: bool = True) -> None:
+        """Publish everything, then wait for the broker's PUBACKs: one round trip, not one per message.
+        ``wait=False`` (a batch's receipts): they are waited for by the next call that waits."""
+        sent = self._unconfirmed
         announced = None
         started = time.perf_counter()
         for item in outbound:
@@ -222,6 +226,9 @@ class AggregatorService:
                 announced = started
                 round_no = msgpack.unpackb(item.payload, raw=False).get("round")
                 self.announcement_wire_bytes[round_no] = sum(len(p.payload) for p in plan)
+        if not wait:
+            return
+        self._unconfirmed = []
         self.connection.wait_published(sent)
         if announced is not None:
             self.announce_s.append(time.perf_counter() - announced)
@@ -400,9 +407,11 @@ class AggregatorService:
             self._publish(outbound)
             return
         kill_point("aggregator.before_commit")
+        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
         try:
             corrections, after = self.manager.commit()
         except Exception:
+            self._unconfirmed = unconfirmed + self._unconfirmed
             # Nothing of the batch is stored. Acked (so no message can wedge the session) and not
             # answered: each device republishes its message until it gets a receipt.
             logger.exception(
@@ -416,6 +425,10 @@ class AggregatorService:
         kill_point("aggregator.commit_before_ack")
         for item in waiting:
             self.connection.ack(item.message)
+        try:
+            self.connection.wait_published(unconfirmed)
+        except TransportError as exc:  # receipts the broker did not confirm: their devices ask again
+            logger.warning("receipts of the previous batch unconfirmed: %s", exc)
         kill_point("aggregator.ack_before_receipt")
         receipts = []
         for item in waiting:
@@ -432,12 +445,15 @@ class AggregatorService:
                 self.update_wire_bytes[(item.device, update.round)] = item.wire_bytes
             receipt = self._receipt(decision, round_no=item.round_no, detail=item.detail)
             receipts.append(Outbound(self.topics.down(item.device), receipt))
-        self._publish(receipts)
+        # Not waited for here: the next batch waits for these PUBACKs after its own commit, by when they
+        # are in (a round trip to the broker per batch saved, and at most two batches outstanding).
+        self._publish(receipts, wait=False)
         now = time.perf_counter()
         self.ingest_s.extend(now - item.started for item in waiting if item.update is not None)
         outbound += after
         if after:
             kill_point("aggregator.before_announce")
-        self._publish(outbound)
+        if outbound:
+            self._publish(outbound)
         if self.manager.done:
             self.finished.set()

@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from storage import PG_ADMIN, postgres_database, sqlite_database
 from table import print_table
+
+from storage import PG_ADMIN, postgres_database, sqlite_database
 
 FLEET = "bench-ingest"
 NUM_CLASSES = 14

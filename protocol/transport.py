@@ -129,6 +129,7 @@ class MqttConnection:
         on_connect: Callable[[bool], None] | None = None,
         max_pending_handlers: int = 10_000,
         tcp_nodelay: bool | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -143,6 +144,9 @@ class MqttConnection:
         self.dispatch = dispatch
         self._on_connect_hook = on_connect
         self.tcp_nodelay = DEFAULT_TCP_NODELAY if tcp_nodelay is None else tcp_nodelay
+        # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once (else its own
+        # limit, Mosquitto's max_inflight_messages, 20): a consumer that acks in batches needs more.
+        self.receive_maximum = receive_maximum
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -264,6 +268,8 @@ class MqttConnection:
         if self.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.session_expiry_s
+            if self.receive_maximum is not None:
+                properties.ReceiveMaximum = self.receive_maximum
             kwargs = {"clean_start": False, "properties": properties}
         delay = 0.1
         while True:
