@@ -351,7 +351,7 @@ class RoundManager:
         updates = [
             ClientUpdate(
                 device_id=u.device_id,
-                body={k: c.array for k, c in messages.decode(u.payload, messages.Update).body.items()},
+                body=stored_body(u.payload),
                 num_samples=u.num_samples,
                 staleness=u.staleness,
                 weight=u.weight,
@@ -642,6 +642,12 @@ class RoundManager:
         self.results.add(device)
         self._check_done()
         return Decision(True)
+
+
+def stored_body(payload: bytes) -> dict[str, np.ndarray]:
+    """The arrays of a stored update. Only the body is decoded: the whole message was validated
+    (checksum included) before it was stored, and the store checks its SHA-256 on every read."""
+    return {k: c.array for k, c in decode_coded_body(msgpack.unpackb(payload, raw=False)["body"]).items()}
 
 
 def pack_body(body) -> bytes:

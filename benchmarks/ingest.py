@@ -74,15 +74,18 @@ def updates_for(task_id: str, fleet: str, count: int, num_bits: int) -> dict[str
     }
 
 
-def publish_all(host: str, port: int, fleet: str, payloads: dict[str, bytes], publishers: int, pipe) -> None:
-    """Child process: connect, say ready, wait for go, publish every update, count the receipts; sends
-    back (seconds from first publish to last receipt, receipts, rejections)."""
+def publish_all(
+    host: str, port: int, fleet: str, task_id: str, devices: int, num_bits: int, publishers: int, pipe
+) -> None:
+    """Child process: encode the updates, connect, say ready, wait for go, publish every update, count
+    the receipts; sends back (seconds from first publish to last receipt, receipts, rejections)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     from fedmask.protocol import messages
     from fedmask.protocol.topics import Topics
 
+    payloads = updates_for(task_id, fleet, devices, num_bits)
     topics = Topics(fleet)
     answered = {"receipt": 0, "rejected": 0}
     done = threading.Event()
@@ -144,6 +147,22 @@ def hmp_task(fleet: str, task_id: str, quorum: int, rounds: int):
     )
 
 
+def register(store, fleet: str, devices: list[str]) -> None:
+    """Devices known to the store, as after their presence messages (one bulk insert: set-up, not
+    measured)."""
+    from sqlalchemy import insert
+
+    from fedmask.storage.schema import Device, Fleet
+
+    now = dt.datetime.now(UTC)
+    with store.engine.begin() as connection:
+        fleet_pk = connection.execute(
+            insert(Fleet).values(name=fleet, created_at=now).returning(Fleet.id)
+        ).scalar_one()
+        seen = {"presence": "online", "presence_at": now, "first_seen_at": now, "last_seen_at": now}
+        connection.execute(insert(Device), [{"fleet_pk": fleet_pk, "device_id": d, **seen} for d in devices])
+
+
 def run_fleet(
     broker,
     url: str,
@@ -163,18 +182,18 @@ def run_fleet(
 
     fleet = f"{FLEET}-{name}"
     task = hmp_task(fleet, f"task-{name}", quorum=quorum, rounds=2)
-    payloads = updates_for(task.task_id, fleet, devices, FedMaskServer(spec_from_task(task)).num_bits)
+    num_bits = FedMaskServer(spec_from_task(task)).num_bits
     with Store(url) as store:
         store.upgrade()
-        for device in payloads:  # registered devices, as after their presence messages
-            store.upsert_device(fleet, device, presence="online")
+        register(store, fleet, [f"dev-{index:05d}" for index in range(devices)])
         service = AggregatorService(
             broker.url, fleet, task, store, batch_max=batch_max, batch_wait_s=batch_wait_s
         ).start()
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         child = context.Process(
-            target=publish_all, args=(broker.host, broker.port, fleet, payloads, publishers, theirs)
+            target=publish_all,
+            args=(broker.host, broker.port, fleet, task.task_id, devices, num_bits, publishers, theirs),
         )
         child.start()
         try:
@@ -329,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedmask.broker_config.embedded import EmbeddedBroker
 
     ingest, rounds = [], []
-    with tempfile.TemporaryDirectory(prefix="fedmask-ingest-") as folder:
-        with EmbeddedBroker(workdir=Path(folder) / "broker", backend="mosquitto") as broker:
-            for engine in args.engines:
-                ingest += ingest_rows(broker, engine, args)
-                rounds += round_rows(broker, engine, args)
+    with (
+        tempfile.TemporaryDirectory(prefix="fedmask-ingest-") as folder,
+        EmbeddedBroker(workdir=Path(folder) / "broker", backend="mosquitto") as broker,
+    ):
+        for engine in args.engines:
+            ingest += ingest_rows(broker, engine, args)
+            rounds += round_rows(broker, engine, args)
 
     print_table(
         f"Aggregator ingest over Mosquitto: ~9.8 KB FedMask updates, {args.publishers} publisher connections "
