@@ -157,6 +157,11 @@ class AggregatorService:
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
+            try:  # what is judged gets stored and answered; anything later the broker delivers again
+                if self._waiting or self.manager.pending:
+                    self._flush()
+            except Exception:
+                logger.exception("storing the last batch failed")
             self._batch_due.notify_all()
         for thread in (self._ticker, self._flusher):
             if thread.is_alive():
@@ -404,7 +409,8 @@ class AggregatorService:
         waiting, self._waiting = self._waiting, []
         outbound, self._outbound = self._outbound, []
         if not waiting and not self.manager.pending:
-            self._publish(outbound)
+            if outbound:
+                self._publish(outbound)
             return
         kill_point("aggregator.before_commit")
         unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
