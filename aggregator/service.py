@@ -221,11 +221,10 @@ class AggregatorService:
             if item.retain:
                 self._frames_left[item.topic] = sum(1 for p in plan if p.payload and p.topic != item.topic)
             for publication in plan:
-                sent.append(
-                    self.connection.publish(
-                        publication.topic, publication.payload, retain=publication.retain, wait=False
-                    )
+                info = self.connection.publish(
+                    publication.topic, publication.payload, retain=publication.retain, wait=False
                 )
+                sent.append((publication.topic, info))
                 self.published_bytes += len(publication.payload)
             if item.topic == self.topics.round:
                 announced = started

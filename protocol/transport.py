@@ -451,18 +451,19 @@ class MqttConnection:
             raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
         return info
 
-    def wait_published(self, sent: list[mqtt.MQTTMessageInfo], timeout_s: float = 30.0) -> None:
-        """Wait for the PUBACKs of several ``publish(..., wait=False)`` calls, all within ``timeout_s``
-        (one round trip for a burst, not one per message); raises like ``publish``."""
+    def wait_published(self, sent: list[tuple[str, mqtt.MQTTMessageInfo]], timeout_s: float = 30.0) -> None:
+        """Wait for the PUBACKs of several ``publish(topic, ..., wait=False)`` calls, given as (topic,
+        info), all within ``timeout_s``: one round trip for a burst, not one per message. Raises like
+        ``publish``."""
         deadline = time.monotonic() + timeout_s
-        for info in sent:
+        for topic, info in sent:
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             if not info.is_published():
-                raise TransportError(f"no PUBACK for mid {info.mid} within {timeout_s:g} s")
+                raise TransportError(f"no PUBACK for {topic!r} within {timeout_s:g} s")
             with self._lock:
                 failure = self._puback_failures.pop(info.mid, None)
             if failure is not None:
-                raise TransportError(f"broker refused publish mid {info.mid}: {failure.getName()}")
+                raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
 
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
         # Runs before paho marks the message published, so publish() sees the reason code.
