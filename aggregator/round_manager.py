@@ -141,6 +141,8 @@ class RoundManager:
         self.participants: set[str] = set()
         # device -> (presence time from the message, status): what the retained state topics say.
         self.presence: dict[str, tuple[float, str]] = {}
+        self._presence_changes = 0
+        self._needed: tuple[tuple[int, int], int] | None = None  # (participants, presence changes) -> needed
         self.finalizing = False
         self.finalize_deadline = 0.0
         self.results: set[str] = set()
@@ -173,6 +175,7 @@ class RoundManager:
             self.known_devices.add(device.device_id)
             if device.presence is not None and device.presence_at is not None:
                 self.presence[device.device_id] = (device.presence_at.timestamp(), device.presence)
+        self._presence_changes += 1
         self.participants = self.store.task_participants(self.task.task_id)
         self.results = {m.device_id for m in self.store.list_models(task_id=self.task.task_id)}
         latest = self.store.latest_round(self.task.task_id)
@@ -338,9 +341,13 @@ class RoundManager:
 
     def needed(self) -> int:
         """Updates that close the open round before its deadline: ``quorum``, or ``quorum_fraction``
-        of the expected devices (rounded up) when that is more."""
-        share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
-        return max(self.schedule.quorum, share)
+        of the expected devices (rounded up) when that is more. Asked for every update, so computed
+        again only when participants or presence changed (it is linear in the fleet)."""
+        key = (len(self.participants), self._presence_changes)  # participants only ever grow
+        if self._needed is None or self._needed[0] != key:
+            share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
+            self._needed = (key, max(self.schedule.quorum, share))
+        return self._needed[1]
 
     def _close(self, closed_by: str) -> list[Outbound]:
         assert self.current is not None
@@ -401,6 +408,7 @@ class RoundManager:
         previous = self.presence.get(device)
         if previous is None or previous[0] <= at:  # the store's rule: the newest presence wins
             self.presence[device] = (at, presence.status)
+            self._presence_changes += 1
         if (
             presence.status == "online"
             and self.finalizing

@@ -6,7 +6,8 @@
    machines) sends U precomputed FedMask updates of the HMP CNN (har_cnn, 78,048 mask bits at density
    0.5, ~9.8 KB) for U registered devices, as fast as the broker takes them, from P connections, and
    counts the receipts. Rate = updates answered with a receipt per second, first publish to last
-   receipt. Variants, taking turns in the same run: group commit (batches of up to ``--batch-max``,
+   receipt; and the aggregator process's CPU time per update (all its threads: MQTT, decoding, SQL),
+   which depends less on what else the machine runs. Variants, taking turns in the same run: group commit (batches of up to ``--batch-max``,
    first message waits at most ``--batch-wait-ms``) and the baseline, one commit per update
    (``batch_max=1``: each update committed, acked and answered before the next is looked at).
 2. Rounds. D devices (10, 100, 1,000) each send one update with quorum D through the same path; the
@@ -200,10 +201,12 @@ def run_fleet(
             if not ours.poll(60):
                 raise TimeoutError("the publisher process did not connect within 60 s")
             ours.recv()
+            cpu = time.process_time()  # every thread of this process: the aggregator's CPU
             ours.send("go")
             if not ours.poll(330):
                 raise TimeoutError("the publisher process did not report within 330 s")
             elapsed, receipts, rejected = ours.recv()
+            cpu = time.process_time() - cpu
         finally:
             child.join(30)
             service.stop()
@@ -219,6 +222,7 @@ def run_fleet(
         announce_ms = (timing.announce_s + service.announce_s[-1]) * 1e3
     return {
         "updates_per_s": devices / elapsed,
+        "cpu_ms_per_update": cpu * 1e3 / devices,
         "batches": len(sizes),
         "median_batch": statistics.median(sizes) if sizes else 0,
         "aggregate_ms": timing.aggregate_s * 1e3 if timing and timing.aggregate_s else None,
@@ -265,6 +269,7 @@ def ingest_rows(broker, engine: str, args) -> list[dict[str, Any]]:
                 "updates_per_s": rate,
                 "all_updates_per_s": [round(r["updates_per_s"], 1) for r in runs],
                 "median_batch": statistics.median(r["median_batch"] for r in runs),
+                "cpu_ms_per_update": statistics.median(r["cpu_ms_per_update"] for r in runs),
                 "x_baseline": rate / baseline,
             }
         )
@@ -313,6 +318,7 @@ INGEST_COLUMNS = [
     ("median_batch", "MEDIAN BATCH", "{:g}"),
     ("updates_per_s", "UPDATES/S", "{:.0f}"),
     ("x_baseline", "x BASELINE", "{:.2f}"),
+    ("cpu_ms_per_update", "AGGREGATOR CPU MS/UPDATE", "{:.2f}"),
 ]
 ROUND_COLUMNS = [
     ("engine", "ENGINE", "{}"),
