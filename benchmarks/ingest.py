@@ -7,9 +7,10 @@
    0.5, ~9.8 KB) for U registered devices, as fast as the broker takes them, from P connections, and
    counts the receipts. Rate = updates answered with a receipt per second, first publish to last
    receipt; and the aggregator process's CPU time per update (all its threads: MQTT, decoding, SQL),
-   which depends less on what else the machine runs. Variants, taking turns in the same run: group commit (batches of up to ``--batch-max``,
-   first message waits at most ``--batch-wait-ms``) and the baseline, one commit per update
-   (``batch_max=1``: each update committed, acked and answered before the next is looked at).
+   which depends less on what else the machine runs. Variants, taking turns in the same run: group
+   commit (batches of up to ``--batch-max``, a first message waits at most ``--batch-wait-ms``) and the
+   baseline, one commit per update (``batch_max=1``: each update committed, acked and answered before
+   the next is looked at).
 2. Rounds. D devices (10, 100, 1,000) each send one update with quorum D through the same path; the
    update that completes the quorum closes round 1. Reported: aggregate (read the round's updates back
    from the store, decode, aggregate, store the aggregate) and announce (open round 2, code its
