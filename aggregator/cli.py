@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import OperationalError
 
     from fedmask.aggregator.service import AggregatorService
-    from fedmask.protocol.cli_options import broker_from_args
+    from fedmask.protocol.cli_options import brokers_from_args
     from fedmask.storage import Store
     from fedmask.storage.cli import database_url
 
@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             "need at least 1 message per batch and a wait of 0 ms or more"
         )
     task = _load_task(args.task, args.fleet)
-    broker = broker_from_args(args)
+    broker = brokers_from_args(args)
     url = database_url(args.db)
     try:
         store = Store(url)

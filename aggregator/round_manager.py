@@ -18,6 +18,7 @@ the quorum).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -169,6 +170,7 @@ class RoundManager:
             weights_digest=self.task.weights_digest,
             strategy=self.task.strategy,
             arch=self.task.arch,
+            schedule=dataclasses.asdict(self.schedule),
         )
         out = [Outbound(self.topics.task, messages.encode(self.task), retain=True)]
         for device in self.store.list_devices(self.fleet):
@@ -179,6 +181,7 @@ class RoundManager:
         self.participants = self.store.task_participants(self.task.task_id)
         self.results = {m.device_id for m in self.store.list_models(task_id=self.task.task_id)}
         latest = self.store.latest_round(self.task.task_id)
+        self.store.set_task_state(self.task.task_id, "running")
         if latest is None:
             return out + self._open(1)
         if latest.round_no > 1 or latest.state == "closed":
@@ -236,6 +239,7 @@ class RoundManager:
         self.current = None
         self.finalizing = True
         self.finalize_deadline = self.clock() + self.finalize_deadline_s
+        self.store.set_task_state(self.task.task_id, "finalizing")
         waiting = sorted(self.participants - self.results)
         logger.info(
             "all %d rounds done: asking the task's %d participants to finalize (%d results already in)",
@@ -295,18 +299,20 @@ class RoundManager:
             return self._close("deadline")
         if self.current.extensions >= self.max_extensions:
             self._finish(
-                f"round {self.current.number} has {len(self.current.contributors)} of the "
-                f"{self.min_updates} updates it needs after {self.current.extensions + 1} deadlines; "
+                f"round {self.current.number} got {len(self.current.contributors)} updates (it closes at a "
+                f"deadline with {self.min_updates}) through {self.current.extensions + 1} deadlines; "
                 f"giving up (missing: {', '.join(self.missing()) or 'no device is expected'})"
             )
             return []
         self.current.extensions += 1
         self.current.deadline = now + self.schedule.deadline_s
+        # The quorum closes a round early; at its deadline, min_updates (hyper, default 1) are enough.
+        got = len(self.current.contributors)
         logger.warning(
-            "round %d: %d of the %d updates it needs by the deadline; extended (%d of %d; missing: %s)",
+            "round %d: %s by its deadline (quorum %d); deadline extended (%d of %d; missing: %s)",
             self.current.number,
-            len(self.current.contributors),
-            self.min_updates,
+            "no update" if got == 0 else f"{got} updates, fewer than min_updates {self.min_updates},",
+            self.needed(),
             self.current.extensions,
             self.max_extensions,
             ", ".join(self.missing()) or "no device is expected",
@@ -316,6 +322,7 @@ class RoundManager:
     def _finish(self, problem: str | None) -> None:
         self.done = True
         self.outcome = "complete" if problem is None else problem
+        self.store.set_task_state(self.task.task_id, "done" if problem is None else "failed", problem)
         if problem is None:
             logger.info(
                 "task %s complete: every participant reported its personalized model", self.task.task_id
@@ -645,6 +652,8 @@ class RoundManager:
             latency_ms=float(m["latency_ms"]),
             size_bytes=int(m["size_bytes"]),
             peak_rss_bytes=int(m["peak_rss_bytes"]),
+            num_test=int(m["num_test"]),
+            density=float(m["density"]),
             metrics=dict(m),
         )
         self.results.add(device)

@@ -60,7 +60,7 @@ class _Waiting:
 class AggregatorService:
     def __init__(
         self,
-        broker: str,
+        broker,  # one URL or several (the nodes of one cluster, see MqttConnection)
         fleet: str,
         task: messages.Task,
         store,
@@ -143,10 +143,11 @@ class AggregatorService:
         self.connection.subscribe(up, self._on_up)
         self.connection.subscribe(state, self._on_state)
         # Messages the broker queued for our session arrive as soon as we connect: the handlers wait
-        # for this lock until the rounds and devices are loaded from the store and announced.
+        # for this lock until the rounds and devices are loaded from the store and announced. The
+        # connection comes first: a broker we cannot use (down, or refusing MQTT 5) opens no round.
         with self._lock:
-            outbound = self.manager.start()
             self.connection.connect()
+            outbound = self.manager.start()
             self._publish(outbound)
             self._republish.clear()  # the first connection's retained messages are the ones just sent
             self._last_task_publish = time.monotonic()

@@ -253,7 +253,14 @@ def bulk_load(store: Store, rounds: int, devices: int) -> None:
             )
         files = {n: b"model file of %s" % n.encode() for n in names}
         c.execute(insert(Blob), [blob_row(f, t0) for f in files.values()])
-        scores = {"latency_ms": 1.0, "size_bytes": 1, "peak_rss_bytes": 1, "metrics": {}, "created_at": t0}
+        scores = {
+            "version": 1,
+            "latency_ms": 1.0,
+            "size_bytes": 1,
+            "peak_rss_bytes": 1,
+            "metrics": {},
+            "created_at": t0,
+        }
         c.execute(
             insert(PersonalizedModel),
             [

@@ -1,14 +1,17 @@
 """Wire benchmark: FedMask rounds over a real Mosquitto, and how fast the aggregator ingests updates.
 
-1. Rounds. N device agents (threads in this process, each its own MQTT client and session, as
-   `fedmask simulate --transport mqtt` runs them; one training at a time) and the aggregator (SQLite
-   store) run R rounds with quorum N. The model is tiny (har_cnn at width 0.25: 5,304 mask bits) and
-   each device holds 16 synthetic windows, so training does not hide the wire. Reported per round:
+1. Rounds. N device agents (each its own MQTT client and session, in worker processes of ~100 agents
+   as `fedmask simulate --transport mqtt` runs them; one training at a time over all processes) and
+   the aggregator (this process, SQLite store) run R rounds with quorum N. The model is tiny
+   (har_cnn at width 0.25: 5,304 mask bits) and each device holds 16 synthetic windows, so training
+   does not hide the wire. Reported per round:
    the wall time from one round's announcement to the next, and where it goes: train, encode and
    publish (per device; training runs one device at a time), ingest (aggregator, per update: decode,
    checks, commit, ack, receipt), aggregate and announce. Round 1, where devices join the task, is
-   not measured. Baseline, same run: the in-process simulator (`InProcessRun`) on the same fleet:
-   same training, same encoding, no broker and no store.
+   not measured. Also reported: the resident memory (RSS) of the aggregator's process (this one:
+   Python, torch, the service and its store; at the end, and its growth over the run) and of the broker.
+   Baseline, same run: the in-process simulator (`InProcessRun`) on the same fleet: same training,
+   same encoding, no broker and no store (`--no-baseline` skips it).
 2. Ingest. U devices each send one precomputed FedMask update of the HMP CNN (har_cnn, 78,048 mask
    bits at density 0.5, ~9.8 KB) from P publisher connections as fast as the broker takes them. Rate
    = updates stored, acknowledged and answered with a receipt per second (a subscriber counts the
@@ -25,6 +28,8 @@ aggregator's PUBACK, then its receipt) waits for the broker's delayed TCP ACK, ~
     .venv/bin/python benchmarks/wire.py                  # 10, 50, 100 agents; 3 x 300 updates
     .venv/bin/python benchmarks/wire.py --quick          # 10 agents; 1 x 100 updates
     .venv/bin/python benchmarks/wire.py --nagle --out runs/bench_wire_nagle.json
+    flock /tmp/fedmask-bench.lock .venv/bin/python benchmarks/wire.py --agents 100 500 1000 \
+        --rounds 2 --no-ingest --out runs/bench_wire_fleet.json   # the fleet-size sweep
 """
 
 from __future__ import annotations
@@ -50,12 +55,13 @@ from fedmask.aggregator.service import AggregatorService
 from fedmask.aggregator.tasks import build_task
 from fedmask.broker_config.embedded import EmbeddedBroker
 from fedmask.datasets.federated import DeviceData, FederatedDataset
-from fedmask.device_agent.agent import DeviceAgent, spec_from_task
+from fedmask.device_agent.agent import spec_from_task
 from fedmask.protocol import messages, transport
 from fedmask.protocol.chunking import wire_size
 from fedmask.protocol.tensor_codec import Coded
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage
+from fedmask.simulator.agent_processes import AgentProcesses
 from fedmask.simulator.config import SimulationConfig
 from fedmask.simulator.inproc import InProcessRun
 from fedmask.storage import Store
@@ -77,28 +83,6 @@ def wait_for(ready, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-class TrainingGate:
-    """The agents' shared ``train_lock``: one training at a time, and none once the measurement is
-    over, so no device is still publishing when the connections close."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def __enter__(self) -> TrainingGate:
-        self._lock.acquire()
-        if self.closed:
-            self._lock.release()
-            raise RuntimeError("the benchmark is over: no more training")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
-
-
 def settle(counter, quiet_s: float = 0.5, timeout: float = 30.0) -> None:
     """Wait until ``counter()`` stops changing for ``quiet_s`` (in-flight messages handled)."""
     deadline = time.monotonic() + timeout
@@ -107,6 +91,15 @@ def settle(counter, quiet_s: float = 0.5, timeout: float = 30.0) -> None:
         time.sleep(0.05)
         if (now := counter()) != last:
             last, since = now, time.monotonic()
+
+
+def rss_mib(pid: int | str = "self", peak: bool = False) -> float:
+    """Resident memory of a process (``peak``: its high-water mark), from /proc."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def median_ms(seconds: list[float]) -> float:
@@ -154,41 +147,35 @@ def tiny_task(agents: int, rounds: int) -> messages.Task:
     return build_task(FLEET, spec, schedule, task_id=f"bench-rounds-{agents}")
 
 
-def mqtt_rounds(data: FederatedDataset, task: messages.Task, rounds: int) -> dict[str, Any]:
+def mqtt_rounds(
+    data: FederatedDataset, task: messages.Task, rounds: int, processes: int | None
+) -> dict[str, Any]:
     """Run ``rounds`` rounds over a private Mosquitto; the phase medians and the round wall times."""
     with tempfile.TemporaryDirectory(prefix="fedmask-wire-") as folder:
         store = temporary_store(Path(folder))
-        gate = TrainingGate()
         with EmbeddedBroker(workdir=Path(folder) / "broker", backend="mosquitto") as broker:
-            agents = [
-                DeviceAgent(
-                    broker.url,
-                    FLEET,
-                    d.device_id,
-                    d,
-                    state_dir=Path(folder) / "agents",
-                    train_lock=gate,
-                )
-                for d in data.devices
-            ]
+            fleet = AgentProcesses(
+                broker.url, FLEET, data.devices, state_dir=Path(folder) / "agents", processes=processes,
+                torch_threads=1,
+            )  # fmt: skip
             aggregator = AggregatorService(broker.url, FLEET, task, store)
+            rss_before = rss_mib()
+            agents = []
             try:
-                for agent in agents:
-                    agent.start()
+                started = time.perf_counter()
+                fleet.start()
+                start_s = time.perf_counter() - started
                 aggregator.start()
                 timings = aggregator.manager.timings
-                wait_for(lambda: rounds + 2 in timings, 60 + 10 * len(agents), f"{rounds} rounds")
+                wait_for(lambda: rounds + 2 in timings, 60 + 10 * len(data.devices), f"{rounds} rounds")
+                rss = {"aggregator_rss_mib": rss_mib(), "broker_rss_mib": rss_mib(broker._runner.process.pid)}
             finally:
-                # Agents refused a training log it as a failed message: expected here, not news.
-                agent_log = logging.getLogger("fedmask.device_agent")
-                level = agent_log.level
-                agent_log.setLevel(logging.CRITICAL)
-                gate.close()
+                fleet.gate.close()  # no training after the measurement: nothing left in flight
                 settle(lambda: len(aggregator.ingest_s))
-                for agent in agents:
-                    agent.stop()
+                if fleet.started:
+                    agents = fleet.stop()
+                fleet.terminate()
                 aggregator.stop()
-                agent_log.setLevel(level)
         measured = range(2, rounds + 2)
         per_device = [a.timings[r] for a in agents for r in measured]
         update_bytes = [
@@ -199,6 +186,10 @@ def mqtt_rounds(data: FederatedDataset, task: messages.Task, rounds: int) -> dic
         store.close()
     return {
         "round_s": [timings[r + 1].opened - timings[r].opened for r in measured],
+        "agent_processes": fleet.processes,
+        "agents_start_s": start_s,
+        **rss,
+        "aggregator_rss_growth_mib": rss["aggregator_rss_mib"] - rss_before,
         "train_ms": median_ms([t.train_s for t in per_device]),
         "encode_ms": median_ms([t.encode_s for t in per_device]),
         "publish_ms": median_ms([t.publish_s for t in per_device]),
@@ -227,21 +218,16 @@ def warm_up() -> None:
     get_strategy(spec.strategy).client(spec, data.devices[0]).fit(None, 1)
 
 
-def round_row(agents: int, rounds: int) -> dict[str, Any]:
+def round_row(agents: int, rounds: int, processes: int | None, baseline: bool) -> dict[str, Any]:
     data = synthetic_fleet(agents)
     task = tiny_task(agents, rounds)
-    mqtt = mqtt_rounds(data, task, rounds)
-    baseline = in_process_rounds(data, task, rounds)
+    mqtt = mqtt_rounds(data, task, rounds, processes)
     round_s = statistics.median(mqtt.pop("round_s"))
-    baseline_s = statistics.median(baseline)
-    return {
-        "agents": agents,
-        "rounds": rounds,
-        "round_s": round_s,
-        **mqtt,
-        "inproc_round_s": baseline_s,
-        "x_inproc": round_s / baseline_s,
-    }
+    row = {"agents": agents, "rounds": rounds, "round_s": round_s, **mqtt}
+    if baseline:
+        baseline_s = statistics.median(in_process_rounds(data, task, rounds))
+        row.update(inproc_round_s=baseline_s, x_inproc=round_s / baseline_s)
+    return row
 
 
 # -- 2. ingest -----------------------------------------------------------------------------------------
@@ -388,6 +374,10 @@ ROUND_COLUMNS = [
     ("aggregate_ms", "aggregate ms", "{:.1f}"),
     ("announce_ms", "announce ms", "{:.2f}"),
     ("update_bytes", "update B", "{}"),
+    ("agent_processes", "agent procs", "{}"),
+    ("aggregator_rss_mib", "aggregator RSS MiB", "{:.0f}"),
+    ("aggregator_rss_growth_mib", "RSS growth MiB", "{:.0f}"),
+    ("broker_rss_mib", "broker RSS MiB", "{:.1f}"),
     ("inproc_round_s", "in-process round s", "{:.2f}"),
     ("x_inproc", "x in-process", "{:.2f}"),
 ]
@@ -411,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="ingest repeats (median reported)")
     parser.add_argument("--quick", action="store_true", help="10 agents, 2 rounds, 1 x 100 updates")
     parser.add_argument(
+        "--agent-processes", type=int, default=None, help="agent processes (default: one per 100 agents)"
+    )
+    parser.add_argument("--no-ingest", action="store_true", help="rounds only (skip the ingest part)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process baseline")
+    parser.add_argument(
         "--nagle", action="store_true", help="leave Nagle's algorithm on (the baseline for TCP_NODELAY)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_wire.json"))
@@ -429,19 +424,24 @@ def main(argv: list[str] | None = None) -> int:
     round_rows = []
     for agents in args.agents:
         print(f"rounds: {agents} agents x {args.rounds} rounds ...", file=sys.stderr)
-        round_rows.append(round_row(agents, args.rounds))
-    print(f"ingest: {args.repeats} x {args.updates} updates ...", file=sys.stderr)
-    ingest = ingest_rows(args.updates, args.publishers, args.repeats)
+        round_rows.append(round_row(agents, args.rounds, args.agent_processes, not args.no_baseline))
+    ingest = []
+    if not args.no_ingest:
+        print(f"ingest: {args.repeats} x {args.updates} updates ...", file=sys.stderr)
+        ingest = ingest_rows(args.updates, args.publishers, args.repeats)
 
     print_table(
         f"FedMask rounds over Mosquitto, {sockets} (har_cnn x0.25, 16 windows/device; "
         f"median of {args.rounds} rounds)",
         round_rows,
-        ROUND_COLUMNS,
+        [column for column in ROUND_COLUMNS if column[0] in round_rows[0]],
     )
-    print_table(
-        f"Aggregator ingest, SQLite, {sockets} (har_cnn updates, 78,048 mask bits)", ingest, INGEST_COLUMNS
-    )
+    if ingest:
+        print_table(
+            f"Aggregator ingest, SQLite, {sockets} (har_cnn updates, 78,048 mask bits)",
+            ingest,
+            INGEST_COLUMNS,
+        )
     report = {
         "benchmark": "wire",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

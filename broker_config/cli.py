@@ -1,8 +1,11 @@
 """`fedmask broker ...`: run mosquitto with the project's configuration, and manage broker accounts.
 
+fedmask broker init DIR --host NAME [--ip ADDR]
 fedmask broker add-device --passwd FILE --device ID [--out CREDENTIALS_FILE] [--password-stdin]
 fedmask broker add-service-user --passwd FILE [--user aggregator|health] [--out CREDENTIALS_FILE]
 fedmask broker run [--config dev|test|production|FILE] [--port N] [--passwd FILE] [--dry-run]
+    [--bind ADDR] [--port-map OLD=NEW ...] [--config-dir DIR] [--data-dir DIR] [--log-dest stderr|FILE]
+    [--user NAME]   (a one-machine trial of production.conf: loopback, free ports, your own paths)
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ def register(subparsers: Any) -> None:
     actions = parser.add_subparsers(dest="broker_command", metavar="ACTION")
     parser.set_defaults(handler=lambda _args: _print_help(parser))
 
+    init = actions.add_parser(
+        "init",
+        help="lay out a broker directory: CA and broker certificate, production.conf, the ACL",
+        description="Write DIR/certs/ (a private CA and a broker certificate for --host and --ip, by the "
+        "packaged make_ca.sh; an existing CA is reused), DIR/production.conf and DIR/fedmask.acl: the "
+        "layout production.conf expects in /etc/mosquitto. Keep DIR/certs/ca.key offline afterwards.",
+    )
+    init.add_argument("directory", metavar="DIR", help="e.g. /etc/mosquitto, or a trial's own folder")
+    init.add_argument("--host", required=True, metavar="NAME", help="DNS name devices dial (certificate)")
+    init.add_argument("--ip", metavar="ADDR", help="also an IP address devices dial (certificate)")
+    init.set_defaults(handler=_init)
+
     device = actions.add_parser(
         "add-device",
         help="add or update a device account and write its credentials file",
         description="Add DEVICE to the mosquitto password file (created if missing) with a random "
         "password, and write DEVICE:PASSWORD to a mode-0600 credentials file for the agent's "
-        "--credentials. A running broker rereads the password file on SIGHUP.",
+        "--credentials-file. A running broker rereads the password file on SIGHUP.",
     )
     _add_account_options(device)
     device.add_argument(
@@ -72,10 +87,29 @@ def register(subparsers: Any) -> None:
     add_option(
         run,
         "--data-dir",
-        default="runs/mosquitto",
         metavar="DIR",
-        help="persistence and generated config for --config test",
+        help="generated configs (default runs/mosquitto), the persistence of --config test, and of any "
+        "config when given",
     )
+    add_option(run, "--bind", metavar="ADDR", help="bind every listener to this address, e.g. 127.0.0.1")
+    run.add_argument(
+        "--port-map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="move the listener on port OLD to NEW (repeatable), e.g. 8883=18883",
+    )
+    add_option(
+        run,
+        "--config-dir",
+        metavar="DIR",
+        help="read the config's files (certificates, password files, ACL) under DIR instead of "
+        "/etc/mosquitto, keeping their relative paths",
+    )
+    add_option(
+        run, "--log-dest", metavar="stderr|FILE", help="where mosquitto logs (instead of the config's)"
+    )
+    add_option(run, "--user", metavar="NAME", help="user mosquitto switches to when started as root")
     run.add_argument(
         "--dry-run", action="store_true", help="print the effective config and command; do not run"
     )
@@ -138,13 +172,48 @@ def _add_service_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from fedmask.broker_config.configs import ACL_FILE, NAMED_CONFIGS, PACKAGE_DIR
+    from fedmask.config import RunError
+
+    if shutil.which("openssl") is None:
+        raise RunError("broker init: openssl is not installed; install it (apt-get install openssl)")
+    folder = Path(args.directory)
+    certs = folder / "certs"
+    command = ["sh", str(PACKAGE_DIR / "make_ca.sh"), str(certs), args.host, *([args.ip] if args.ip else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RunError(f"broker init: make_ca.sh failed: {done.stderr.strip().splitlines()[-1:]}")
+    shutil.copyfile(ACL_FILE, folder / "fedmask.acl")
+    shutil.copyfile(NAMED_CONFIGS["production"], folder / "production.conf")
+    print(f"{folder}: certs/ (CA and broker certificate for {args.host}), production.conf, fedmask.acl")
+    print(f"devices need {certs / 'ca.crt'} only; keep {certs / 'ca.key'} offline")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fedmask.broker_config.binaries import BrokerUnavailableError
-    from fedmask.broker_config.runner import prepare_launch, run_foreground
+    from fedmask.broker_config.runner import Overrides, prepare_launch, run_foreground
 
     try:
         launch = prepare_launch(
-            args.mosquitto_config, port=args.broker_port, passwd=args.passwd, data_dir=args.data_dir
+            args.mosquitto_config,
+            port=args.broker_port,
+            passwd=args.passwd,
+            data_dir=args.data_dir,
+            overrides=Overrides(
+                ports=_port_map(args.port_map),
+                bind=args.bind,
+                config_dir=Path(args.config_dir) if args.config_dir else None,
+                log_dest=args.log_dest,
+                user=args.user,
+            ),
         )
         if args.dry_run:
             print(f"# command: {' '.join(launch.command)}")
@@ -156,3 +225,14 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     except ValueError as exc:  # ConfigFileError, bad port: the user's input
         raise ConfigError(str(exc)) from exc
+
+
+def _port_map(pairs: list[str]) -> dict[int, int]:
+    """``["8883=18883"]`` -> ``{8883: 18883}``; anything else is a ``ConfigError``."""
+    ports: dict[int, int] = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip().isdigit() or not new.strip().isdigit():
+            raise ConfigError(f"--port-map {pair!r}: expected OLD=NEW with two port numbers, e.g. 8883=18883")
+        ports[int(old)] = int(new)
+    return ports

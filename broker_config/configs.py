@@ -147,3 +147,31 @@ def remap_listeners(text: str, ports: Mapping[int, int], host: str | None = None
             line = f"{m.group(1)}listener {ports[int(m.group(2))]}" + (f" {address}" if address else "")
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+# Options whose value is a file or directory path.
+PATH_OPTIONS = (
+    "cafile",
+    "capath",
+    "certfile",
+    "keyfile",
+    "password_file",
+    "acl_file",
+    "persistence_location",
+    "pid_file",
+)
+
+
+def relocate(text: str, old_root: str, new_root: str | os.PathLike[str]) -> str:
+    """Every path option under `old_root` moved to the same place under `new_root` (e.g. the
+    `/etc/mosquitto` of production.conf to a trial's own directory)."""
+    old = old_root.rstrip("/")
+    out = []
+    for line in text.splitlines():
+        name = _option_name(line)
+        if name in PATH_OPTIONS:
+            value = line.strip().split(None, 1)[1] if len(line.split()) > 1 else ""
+            if value == old or value.startswith(old + "/"):
+                line = f"{name} {Path(new_root)}{value[len(old) :]}"
+        out.append(line)
+    return "\n".join(out) + "\n"

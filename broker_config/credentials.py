@@ -1,5 +1,5 @@
 """Broker accounts: add a device (or the aggregator) to the mosquitto password file and hand the
-agent its secret in a credentials file (`username:password`, mode 0600) for `--credentials FILE`.
+agent its secret in a credentials file (`username:password`, mode 0600) for `--credentials-file FILE`.
 
 The username of a device is its device id; the ACL pins each device to topics ending in its own
 username, so ids must not contain MQTT wildcards or separators.

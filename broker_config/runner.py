@@ -20,8 +20,10 @@ from fedmask.broker_config.configs import (
     listener_ports,
     named_config,
     option_values,
+    relocate,
     remap_listeners,
     render_test_config,
+    set_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,14 +47,40 @@ class MosquittoLaunch:
         return [str(self.binary or "mosquitto"), "-c", str(self.config_path)]
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """What a one-machine trial of a packaged config changes (`fedmask broker run` flags); the rest of
+    the file runs as shipped. Unset fields leave the config alone."""
+
+    ports: dict[int, int] = field(default_factory=dict)  # listener port -> port to listen on instead
+    bind: str | None = None  # address every listener binds to (e.g. 127.0.0.1)
+    config_dir: Path | None = None  # stands for /etc/mosquitto in every file path of the config
+    data_dir: Path | None = None  # persistence and pid file
+    log_dest: str | None = None  # "stderr", or a file
+    user: str | None = None  # who mosquitto runs as when started by root
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in ("ports", "bind", "config_dir", "data_dir", "log_dest", "user"))
+
+
 def prepare_launch(
-    config: str, *, port: int | None = None, passwd: str | None = None, data_dir: str = "runs/mosquitto"
+    config: str,
+    *,
+    port: int | None = None,
+    passwd: str | None = None,
+    data_dir: str | None = None,
+    overrides: Overrides | None = None,
 ) -> MosquittoLaunch:
-    """`config` is dev, test, production or a file. `port` moves the first listener. `data_dir`
-    receives generated configs and, for `test`, the persistence database."""
+    """`config` is dev, test, production or a file. `port` moves the first listener; `overrides`
+    move any listener, their address and the config's paths. `data_dir` receives generated configs
+    (default runs/mosquitto) and, for `test`, the persistence database."""
     if port is not None and not 0 < port < 65536:
         raise ConfigFileError(f"--port must be 1..65535, got {port}")
-    data = Path(data_dir).absolute()
+    overrides = overrides or Overrides()
+    for new in overrides.ports.values():
+        if not 0 < new < 65536:
+            raise ConfigFileError(f"--port-map: ports must be 1..65535, got {new}")
+    data = Path(data_dir or "runs/mosquitto").absolute()
     binary = find_mosquitto()
     if config == "test":
         if not passwd:
@@ -76,14 +104,49 @@ def prepare_launch(
     directories = tuple(
         Path(value) for value in option_values(text, "persistence_location") if not Path(value).is_absolute()
     )
-    if port is None:
+    if port is None and not overrides:
         return MosquittoLaunch(binary, source, text, generated=False, directories=directories)
     ports = listener_ports(text)
-    if not ports:
-        raise ConfigFileError(f"{source}: no `listener` line whose port --port could replace")
-    text = remap_listeners(text, {ports[0]: port})
-    derived = data / f"{source.stem}-port{port}.conf"
-    return MosquittoLaunch(binary, derived, text, generated=True, directories=(*directories, data))
+    moves = dict(overrides.ports)
+    if port is not None:
+        if not ports:
+            raise ConfigFileError(f"{source}: no `listener` line whose port --port could replace")
+        moves.setdefault(ports[0], port)
+    if overrides.bind:  # every listener, moved or not, binds to the address
+        moves = {p: p for p in ports} | moves
+    if moves:
+        text = remap_listeners(text, moves, host=overrides.bind)
+    text = _apply_paths(text, overrides, data if data_dir else None)
+    directories = tuple(
+        Path(value) for value in option_values(text, "persistence_location") if not Path(value).is_absolute()
+    )
+    if data_dir:
+        directories = (*directories, data)
+    name = (
+        f"{source.stem}-port{port}.conf"
+        if port is not None and not overrides
+        else f"{source.stem}-local.conf"
+    )
+    return MosquittoLaunch(binary, data / name, text, generated=True, directories=(*directories, data))
+
+
+def _apply_paths(text: str, overrides: Overrides, data: Path | None) -> str:
+    """The config's system paths moved under ``--config-dir`` and ``--data-dir``."""
+    if overrides.config_dir is not None:
+        text = relocate(text, "/etc/mosquitto", overrides.config_dir.absolute())
+    changes: dict[str, str | None] = {}
+    if data is not None:
+        changes["persistence_location"] = f"{data}/"
+        if option_values(text, "pid_file"):
+            changes["pid_file"] = str(data / "mosquitto.pid")
+    if overrides.log_dest is not None:
+        dest = overrides.log_dest
+        changes["log_dest"] = (
+            dest if dest in ("stderr", "stdout", "syslog") else f"file {Path(dest).absolute()}"
+        )
+    if overrides.user is not None:
+        changes["user"] = overrides.user
+    return set_options(text, changes) if changes else text
 
 
 def run_foreground(launch: MosquittoLaunch) -> int:

@@ -10,6 +10,11 @@ retained state topic (its last will flips that to offline), and reacts to three 
 - a **finalize** directive on its downlink: it builds, compacts, exports and measures its personalized
   model with the TFLite runtime and publishes the result.
 
+The agent keeps its finalized model, metrics and class names beside its state file
+(``device_agent.local_model``), for ``fedmask predict``. One-shot by default; a serving agent
+(``serve=True``) takes the next task the aggregator publishes, and a problem with one task (no receipt,
+never asked to finalize) gives that task up instead of stopping the process.
+
 The state file (``<state_dir>/<device>.npz``, arrays only) makes a restart resume where it stopped: it
 skips rounds it already answered and keeps the strategy's local state (FedMask's scores, ...), and the
 mask bases (``protocol.mask_bases``): the last consensus it decoded and its last accepted upload, so
@@ -48,6 +53,10 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "state__"
 # Rejections that mean "the aggregator cannot use the base this mask was coded against".
 BASE_REJECTIONS = ("missing_base", "stale_base", "base_mismatch", "bad_mask_digest")
+# Times an agent announces itself again after an `unknown_device` rejection before accepting it: the
+# aggregator missed our retained presence (RabbitMQ 3.x delivers no retained message to its wildcard
+# subscription, and keeps retained messages on one node).
+REANNOUNCE_ATTEMPTS = 3
 
 
 def announced_round(payload: bytes) -> int:
@@ -142,7 +151,7 @@ class UpdateTiming:
 class DeviceAgent:
     def __init__(
         self,
-        broker: str,
+        broker,  # one URL or several (the nodes of one cluster, see MqttConnection)
         fleet: str,
         device_id: str,
         data: Any,
@@ -155,8 +164,12 @@ class DeviceAgent:
         receipt_timeout_s: float | None = None,
         receipt_attempts: int = 20,
         identity_timeout_s: float = 15.0,
+        serve: bool = False,
     ) -> None:
         self.fleet = fleet
+        # Serving: the agent outlives its task and takes the next one the aggregator publishes; a
+        # problem with one task (no receipts, no finalize) gives that task up instead of stopping.
+        self.serve = serve
         self.device_id = device_id
         self.data = data
         self.topics = Topics(fleet)
@@ -200,11 +213,13 @@ class DeviceAgent:
         self.finished = threading.Event()  # personalized model sent (or the agent failed: see error)
         self.result_confirmed = threading.Event()  # ... and the aggregator's receipt arrived
         self.error: str | None = None  # why the agent cannot go on (one line); finished is set too
+        self.given_up: str | None = None  # serving: the task this agent gave up (see fail)
         # The time of the current connection: its will and its online presence both carry it, so a
         # will published later wins over the online presence of the same connection (same time, later
         # arrival) and loses to the next connection's.
         self._connected_at = time.time()
         self._presence_sent: bytes | None = None
+        self._reannounced = 0
         self._presence_sent_at: float | None = None
         self.identity_confirmed = threading.Event()  # our own presence came back from the broker
         self._busy = 0  # > 0 while training or finalizing (see _working)
@@ -241,8 +256,19 @@ class DeviceAgent:
         watchdog.daemon = True
         watchdog.start()
 
-    def fail(self, problem: str) -> None:
-        """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero."""
+    def fail(self, problem: str, *, fatal: bool = False) -> None:
+        """Stop with an error: the CLI prints ``problem`` (one line) and exits non-zero. A serving
+        agent gives up only the current task unless the problem is ``fatal`` (it concerns every task:
+        the broker refuses us, no PyTorch)."""
+        if self.serve and not fatal:
+            task_id = self.task.task_id if self.task is not None else self.state.task_id
+            logger.error(
+                "%s: giving up task %s: %s; waiting for the next task", self.device_id, task_id, problem
+            )
+            with self._unconfirmed_lock:
+                self._unconfirmed.clear()
+            self.given_up = task_id
+            return
         if self.error is None:
             self.error = problem
             logger.error("%s: %s", self.device_id, problem)
@@ -287,14 +313,20 @@ class DeviceAgent:
             self._watch_identity()
             return
         self.fail(
-            f"the broker did not deliver our own presence back within {self.identity_timeout_s:g} s: it "
-            f"refuses what we publish as {self.device_id!r} (is --device-id the MQTT username of the "
-            "credentials?)"
+            fatal=True,
+            problem=f"the broker did not deliver our own presence back within "
+            f"{self.identity_timeout_s:g} s: it refuses what we publish as {self.device_id!r} (is "
+            "--device-id the MQTT username of the credentials?)",
         )
 
     def stop(self) -> None:
         """Leave cleanly: presence offline (retained), then disconnect."""
         self._stopped = True
+        if not self.connection.connected:
+            # Never connected, or the broker is gone: a publish would only wait out its timeout (5 s
+            # per agent); the broker publishes our will if it saw us at all.
+            self.connection.close()
+            return
         try:
             offline = messages.Presence(
                 fleet=self.fleet, device=self.device_id, status="offline", at=time.time()
@@ -362,17 +394,21 @@ class DeviceAgent:
             logger.warning("%s: ignored a message on %s: %s", self.device_id, message.topic, exc)
         except TransportError as exc:
             if "refused" in str(exc):  # MQTT 5: the broker will not take our messages, ever
-                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)", fatal=True)
             else:
                 logger.warning("%s: %s; republished later", self.device_id, exc)
         except ImportError as exc:
-            self.fail(f"cannot train: {exc} (install PyTorch on this device)")
+            self.fail(f"cannot train: {exc} (install PyTorch on this device)", fatal=True)
         except Exception:
             logger.exception("%s: failed to handle a message on %s", self.device_id, message.topic)
 
     def _on_task(self, task: messages.Task) -> None:
         if self.task is not None and task.task_id == self.task.task_id:
             return
+        if self.serve and task.task_id == self.given_up:
+            return
+        if self.serve and self.task is not None:
+            self._forget_task()
         spec = spec_from_task(task)
         digest = task_digest(spec)
         if digest != task.weights_digest:
@@ -419,11 +455,27 @@ class DeviceAgent:
             pending, self.pending_round = self.pending_round, None
             self._on_round(pending)
 
+    def _forget_task(self) -> None:
+        """Serving: the aggregator published another task; what we held for the last one goes."""
+        assert self.task is not None
+        if not self.result_confirmed.is_set():
+            logger.warning(
+                "%s: task %s replaced by another before it ended here", self.device_id, self.task.task_id
+            )
+        self.task = self.spec = self.client = None
+        self.global_body = self.pending_round = self._last_update = None
+        self.final_body_seen = self.finalize_requested = False
+        self.rounds_seen, self.timings, self._newest_round = [], {}, 0
+        self._final_body_timer = None
+        with self._unconfirmed_lock:
+            self._unconfirmed.clear()
+        self.finished, self.result_confirmed = threading.Event(), threading.Event()
+
     def _on_round(self, announcement: messages.RoundAnnouncement) -> None:
         if self.task is None:
             self.pending_round = announcement  # the task arrives right after; answer then
             return
-        if announcement.task_id != self.task.task_id:
+        if announcement.task_id != self.task.task_id or announcement.task_id == self.given_up:
             return
         self.rounds_seen.append(announcement.round)
         body = announcement.body
@@ -449,7 +501,12 @@ class DeviceAgent:
             or self.state.finalize_requested
             or announcement.round < newest
         ):
-            return  # already answered (e.g. the retained announcement again after a reconnect), or old
+            # Already answered (e.g. the retained announcement again after a reconnect), or old. The
+            # aggregator announces again after it reconnected, maybe to another broker node that did
+            # not have its session: an update still without a receipt may be lost there, so send it now.
+            if announcement.round == self.state.last_round:
+                self._republish_unconfirmed("update", announcement.round)
+            return
         if announcement.deadline and time.time() > announcement.deadline + self.task.schedule.deadline_s:
             logger.info(
                 "%s: round %d is long past its deadline; waiting for the next",
@@ -554,11 +611,39 @@ class DeviceAgent:
             self._publish(payload, kind)
         except TransportError as exc:
             if "refused" in str(exc):
-                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)")
+                self.fail(f"{exc} (is --device-id the MQTT username of the credentials?)", fatal=True)
             else:
                 logger.warning("%s: republishing failed (%s); will retry", self.device_id, exc)
         except Exception:
             logger.warning("%s: republishing failed; will retry", self.device_id, exc_info=True)
+
+    def _reannounce(self, directive: messages.Directive) -> bool:
+        """The aggregator does not know us: our presence again, then the refused message again."""
+        kind = directive.detail or "update"
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or self._reannounced >= REANNOUNCE_ATTEMPTS or self._presence_sent is None:
+            return False
+        self._reannounced += 1
+        logger.info("%s: unknown to the aggregator; announcing ourselves again", self.device_id)
+        try:
+            self.connection.publish(self.topics.state(self.device_id), self._presence_sent, retain=True)
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: announcing again failed (%s); its timer retries", self.device_id, exc)
+        return True
+
+    def _republish_unconfirmed(self, kind: str, round_no: int) -> None:
+        """Publish the pending message of round ``round_no`` again now (its timer keeps running)."""
+        with self._unconfirmed_lock:
+            pending = self._unconfirmed.get(kind)
+        if pending is None or pending[0] != round_no or self._stopped:
+            return
+        logger.info("%s: round %d announced again, no receipt yet: republishing", self.device_id, round_no)
+        try:
+            self._publish(pending[1], kind)
+        except TransportError as exc:
+            logger.warning("%s: republishing failed (%s); its timer retries", self.device_id, exc)
 
     def _publish(self, payload: bytes, kind: str = "update") -> None:
         plan = publications(
@@ -602,6 +687,8 @@ class DeviceAgent:
             )
             if directive.reason in BASE_REJECTIONS and self._resend_in_full(directive.round):
                 return
+            if directive.reason == "unknown_device" and self._reannounce(directive):
+                return
         with self._unconfirmed_lock:
             result_pending = "result" in self._unconfirmed
         if directive.kind == "receipt" and directive.detail == "result" and not result_pending:
@@ -637,20 +724,26 @@ class DeviceAgent:
         if self._final_body_timer is not None:
             return
         wait_s = self.receipt_attempts * self.receipt_timeout_s
-        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s,))
+        task_id = self.task.task_id if self.task is not None else self.state.task_id
+        self._final_body_timer = threading.Timer(wait_s, self._no_final_body, args=(wait_s, task_id))
         self._final_body_timer.daemon = True
         self._final_body_timer.start()
 
-    def _no_final_body(self, waited_s: float) -> None:
-        if self.final_body_seen or self._stopped or self.finished.is_set():
+    def _no_final_body(self, waited_s: float, task_id: str | None) -> None:
+        if self.final_body_seen or self._stopped or self.finished.is_set() or not self._current(task_id):
             return
         self.fail(
             f"finalization was requested but the last aggregate did not arrive within {waited_s:.0f} s: the "
             "aggregator is not running (if it finished, it may already hold our model)"
         )
 
+    def _current(self, task_id: str | None) -> bool:
+        """A timer set for ``task_id`` still concerns the task at hand (a serving agent moves on)."""
+        current = self.task.task_id if self.task is not None else self.state.task_id
+        return task_id == current and task_id != self.given_up
+
     def _no_finalize(self, task_id: str) -> None:
-        if self.finalize_requested or self._stopped or self.finished.is_set():
+        if self.finalize_requested or self._stopped or self.finished.is_set() or not self._current(task_id):
             return
         self.fail(
             f"task {task_id} ended its rounds and its finalization deadline passed without asking this "
@@ -681,6 +774,28 @@ class DeviceAgent:
             logger.info("%s: the aggregator confirmed our personalized model", self.device_id)
             self.result_confirmed.set()
 
+    def _keep_model(self, artifacts: dict[str, Any]) -> None:
+        """The device's own copy of its model (``device_agent.local_model``), before it is reported."""
+        from fedmask.datasets.labels import label_names
+        from fedmask.device_agent import local_model
+
+        assert self.task is not None
+        kept = local_model.save(
+            self.state.path.parent,
+            self.device_id,
+            self.task.task_id,
+            artifacts["tflite"],
+            {
+                "fleet": self.fleet,
+                "strategy": self.task.strategy,
+                "arch": self.task.arch,
+                "num_classes": self.task.num_classes,
+                "label_names": label_names(self.data.meta, self.task.num_classes),
+                "metrics": artifacts["metrics"],
+            },
+        )
+        logger.info("%s: kept its model in %s", self.device_id, kept.path)
+
     def _finalize(self) -> None:
         from fedmask.device_agent.finalize import personalized_artifacts
 
@@ -697,6 +812,7 @@ class DeviceAgent:
         with self.train_lock, self._working():
             final = self.client.finalize(self.global_body)
             artifacts = personalized_artifacts(final, self.data.x_test, self.data.y_test, self.latency_runs)
+        self._keep_model(artifacts)
         result = messages.Result(
             fleet=self.fleet,
             task_id=self.task.task_id,

@@ -22,10 +22,26 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
         help="classify samples with a .tflite model",
-        description="Run a .tflite model on the samples in a .npy/.npz file and print the predicted "
-        "classes (and the accuracy when the file has labels).",
+        description="Run a .tflite model (by default the device's own, kept by its agent) on the "
+        "samples in a .npy/.npz file and print the predicted classes with names and confidence (and "
+        "the accuracy when the file has labels).",
     )
-    add_option(parser, "--model", metavar="FILE", help="the .tflite model")
+    add_option(
+        parser,
+        "--model",
+        metavar="FILE",
+        help="the .tflite model (default: the device's own, from --state-dir)",
+    )
+    add_option(
+        parser,
+        "--state-dir",
+        default=".fedmask-agent",
+        help="the agent's state directory, where it keeps its finalized models",
+    )
+    add_option(
+        parser, "--device-id", metavar="ID", help="whose model in --state-dir (needed if it holds several)"
+    )
+    add_option(parser, "--task", metavar="TASK_ID", help="the model of this task (default: the newest)")
     parser.add_argument(
         "--input",
         required=True,
@@ -70,6 +86,21 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
         help="this device's class (e.g. pi_zero, jetson): a task may give each class its own model "
         "budget (FedMask: unit_keep_by_class)",
     )
+    add_option(
+        run,
+        "--serve",
+        action="store_true",
+        default=False,
+        help="stay up after a task and take the next one the fleet's aggregator publishes (a service; "
+        "SIGTERM stops it cleanly)",
+    )
+    run.add_argument(
+        "--once",
+        dest="serve",
+        action="store_false",
+        default=None,
+        help="one task, then exit (the default; overrides `serve: true` in a config file)",
+    )
     run.set_defaults(handler=_run_agent)
 
 
@@ -94,9 +125,10 @@ def _run_agent(args: argparse.Namespace) -> int:
         ) from None
     from fedmask.datasets.federated import load_device
     from fedmask.device_agent.agent import DeviceAgent
-    from fedmask.protocol.cli_options import broker_from_args
+    from fedmask.protocol.cli_options import brokers_from_args
 
-    broker = broker_from_args(args)
+    brokers = brokers_from_args(args)
+    broker = brokers[0]  # the nodes of one cluster share credentials
     if broker.username and broker.username != args.device_id:
         # The project's ACL pins a device to the topics of its own username: the broker would refuse
         # every publish (presence, updates) of this agent, and it would wait forever for nothing.
@@ -116,18 +148,24 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     agent = DeviceAgent(
-        broker,
+        brokers,
         args.fleet,
         args.device_id,
         data,
         state_dir=args.state_dir,
         protocol=args.mqtt_protocol,
+        serve=args.serve,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()  # a TransportError (no broker, refused login) becomes fedmask's one-line error
     try:
+        if args.serve:
+            # Until SIGTERM/SIGINT or a problem that concerns every task (agent.error).
+            log.info("agent %s serving fleet %s", args.device_id, args.fleet)
+            while not stop.wait(1.0) and agent.error is None:
+                pass
         # Until the personalized model is sent, then until the aggregator confirmed it: the agent
         # republishes it meanwhile and gives up (agent.error) after its receipt attempts.
         while not stop.is_set() and not agent.finished.wait(1.0):

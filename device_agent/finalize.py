@@ -57,6 +57,8 @@ def personalized_artifacts(
         "agent_peak_rss_bytes": float(peak_rss_bytes()),
         "params_before": float(report.params_before),
         "params_after": float(report.params_after),
+        "num_test": float(len(y_test)),
+        "density": 1.0,  # dense strategies keep every weight; mask strategies report their own
         **{k: float(v) for k, v in final.metrics.items()},
     }
     return {

@@ -23,12 +23,14 @@ numpy and the runtime), reported separately so the model's own share is visible.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -219,8 +221,39 @@ class TFLiteModel:
         self.interpreter.resize_tensor_input(self._input, [n, *self.input_shape], strict=False)
         for index, shape in self._states:
             self.interpreter.resize_tensor_input(index, [n, *shape], strict=False)
-        self.interpreter.allocate_tensors()
+        with _without_delegate_banner():
+            self.interpreter.allocate_tensors()
         self._batch = n
+
+
+# The runtime's C++ side prints this to file descriptor 2 when it applies its default delegate (at
+# the first allocate_tensors), on every run of `fedmask predict`: noise, not news.
+_DELEGATE_BANNER = b"Created TensorFlow Lite XNNPACK delegate"
+
+
+@contextlib.contextmanager
+def _without_delegate_banner():
+    """Capture file descriptor 2 for the block and write back everything but the delegate banner.
+
+    The banner comes from native code, so ``sys.stderr`` cannot catch it; the descriptor is swapped for
+    a temporary file only while the interpreter allocates (a few milliseconds)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (a detached service): nothing to tidy
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(True) if _DELEGATE_BANNER not in line]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 # -- peak memory in a fresh process --------------------------------------------------------------------

@@ -6,8 +6,13 @@ Input files:
 * ``.npz`` with key ``x`` (and optionally ``y``, integer labels);
 * a device-data ``.npz`` (``datasets.federated``): its ``x_test`` and ``y_test`` are used.
 
-Output: a table of predicted classes (with labels and accuracy when the file has labels) or, with
-``--json``, one JSON document. ``--output`` also writes the predictions by suffix: ``.json``,
+The model: ``--model FILE``, or by default the device's own model that its agent keeps in the state
+directory (``--state-dir``, ``device_agent.local_model``), whose class names are printed beside the
+class numbers (also for a ``--model FILE`` with its ``.json`` description beside it).
+
+Output: a table of predicted classes with their names and the model's confidence (softmax of its
+outputs), with labels and accuracy when the file has labels, or, with ``--json``, one JSON document.
+``--output`` also writes the predictions by suffix: ``.json``,
 ``.csv`` (index, class[, label]), ``.npy`` (classes) or ``.npz`` (``classes``, ``outputs``[, ``labels``]).
 """
 
@@ -42,13 +47,33 @@ class Predictions:
     classes: np.ndarray
     outputs: np.ndarray
     labels: np.ndarray | None = None
+    names: list[str] | None = None  # class index -> name, when the model's description has them
 
     @property
     def accuracy(self) -> float | None:
         return None if self.labels is None else float((self.classes == self.labels).mean())
 
+    @property
+    def confidence(self) -> np.ndarray:
+        """The predicted class's probability: softmax of the outputs (the models export logits)."""
+        shifted = self.outputs - self.outputs.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return probabilities[np.arange(len(self.classes)), self.classes]
+
+    def name(self, index: int) -> str:
+        if self.names is not None and 0 <= index < len(self.names):
+            return self.names[index]
+        return str(index)
+
     def to_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"num_samples": len(self.classes), "classes": self.classes.tolist()}
+        result: dict[str, Any] = {
+            "num_samples": len(self.classes),
+            "classes": self.classes.tolist(),
+            "confidence": [round(float(c), 6) for c in self.confidence],
+        }
+        if self.names is not None:
+            result["class_names"] = [self.name(int(c)) for c in self.classes]
         if self.labels is not None:
             result["labels"] = self.labels.tolist()
             result["accuracy"] = self.accuracy
@@ -103,6 +128,7 @@ def predict_file(
     input_path: str | os.PathLike[str],
     num_threads: int = 1,
     batch_size: int = 256,
+    names: list[str] | None = None,
 ) -> Predictions:
     """Run `model_path` on every sample of `input_path`."""
     x, y = load_samples(input_path)
@@ -111,20 +137,29 @@ def predict_file(
         outputs = model.predict(x)
     except ModelInputError as exc:
         raise ModelInputError(f"{input_path}: {exc}") from None
-    return Predictions(classes=outputs.argmax(axis=1), outputs=outputs, labels=y)
+    return Predictions(classes=outputs.argmax(axis=1), outputs=outputs, labels=y, names=names)
 
 
 def format_table(predictions: Predictions, limit: int = 20) -> str:
-    """Rows ``index  class  [label  ok]``, at most `limit` of them (0: all), then a summary line."""
+    """Rows ``index  class  [name]  confidence  [label  [name]  ok]``, at most `limit` of them (0: all),
+    then a summary line."""
     has_labels = predictions.labels is not None
-    header = f"{'index':>7}  {'class':>5}" + (f"  {'label':>5}  ok" if has_labels else "")
-    rows = [header]
+    named = predictions.names is not None
+    width = max((len(n) for n in predictions.names or []), default=4)
+    header = f"{'index':>7}  {'class':>5}" + (f"  {'name':<{width}}" if named else "") + "  confidence"
+    if has_labels:
+        header += f"  {'label':>5}" + (f"  {'label name':<{width}}" if named else "") + "  ok"
+    rows = [header.rstrip()]
     shown = len(predictions.classes) if limit <= 0 else min(limit, len(predictions.classes))
+    confidence = predictions.confidence
     for i in range(shown):
-        row = f"{i:>7}  {int(predictions.classes[i]):>5}"
+        cls = int(predictions.classes[i])
+        row = f"{i:>7}  {cls:>5}" + (f"  {predictions.name(cls):<{width}}" if named else "")
+        row += f"  {confidence[i]:>10.3f}"
         if has_labels:
             label = int(predictions.labels[i])  # type: ignore[index]
-            row += f"  {label:>5}  {'yes' if label == predictions.classes[i] else 'no'}"
+            row += f"  {label:>5}" + (f"  {predictions.name(label):<{width}}" if named else "")
+            row += f"  {'yes' if label == cls else 'no'}"
         rows.append(row)
     if shown < len(predictions.classes):
         rows.append(f"... {len(predictions.classes) - shown} more (use --limit 0 to show all)")
@@ -163,12 +198,11 @@ def write_predictions(predictions: Predictions, path: str | os.PathLike[str]) ->
 
 def run(args: argparse.Namespace) -> int:
     """The ``fedmask predict`` handler: exit status 0 on success, 2 on bad input."""
-    if not args.model:
-        return _fail("--model is required (or set FEDMASK_MODEL, or 'model' in the config file)")
     if args.output and Path(args.output).suffix.lower() not in OUTPUT_SUFFIXES:
         return _fail(f"--output {args.output}: expected a file ending in one of {', '.join(OUTPUT_SUFFIXES)}")
     try:
-        predictions = predict_file(args.model, args.input, args.num_threads, args.batch_size)
+        model_path, names = _choose_model(args)
+        predictions = predict_file(model_path, args.input, args.num_threads, args.batch_size, names)
     except (FileNotFoundError, ValueError, ImportError) as exc:  # bad files, shapes, missing runtime
         return _fail(str(exc))
     if args.output:
@@ -178,6 +212,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(predictions, args.limit))
     return 0
+
+
+def _choose_model(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
+    """``--model FILE`` (with the class names of a description beside it), or the device's own."""
+    from fedmask.device_agent import local_model
+
+    if args.model:
+        path = Path(args.model)
+        described = path.with_suffix(".json")
+        names = None
+        if described.is_file():
+            try:
+                names = local_model.LocalModel(path, json.loads(described.read_text())).label_names
+            except (ValueError, AttributeError):
+                names = None  # not one of ours: the model still runs
+        return path, names
+    try:
+        found = local_model.find(args.state_dir, args.device_id, args.task)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no --model given and {exc}") from None
+    logger.info("model %s (task %s)", found.path, found.info.get("task_id"))
+    return found.path, found.label_names
 
 
 def _fail(message: str) -> int:

@@ -183,6 +183,8 @@ def explain(exc: BaseException) -> tuple[int, str]:
             )
         if any(isinstance(c, ssl.SSLError) for c in chain):
             return RUNTIME_EXIT, f"{text}; check that the port speaks TLS (mqtts://) and --ca-file"
+        if "--mqtt-protocol 3.1.1" in text:
+            return RUNTIME_EXIT, text  # names its fix (a broker that speaks only MQTT 3.1.1)
         if "cannot connect" in text or "no CONNACK" in text:
             return RUNTIME_EXIT, (
                 f"{text}; is the broker running and reachable there? start it (`fedmask broker run`) "

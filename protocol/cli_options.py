@@ -26,7 +26,8 @@ def add_broker_options(parser: argparse.ArgumentParser) -> None:
         "--broker",
         default=DEFAULT_BROKER,
         metavar="URL",
-        help="broker URL: mqtt://[user[:password]@]host[:port] or mqtts://... (TLS, port 8883)",
+        help="broker URL: mqtt://[user[:password]@]host[:port] or mqtts://... (TLS, port 8883); "
+        "several, comma-separated, for the nodes of a broker cluster (failover to the next)",
     )
     add_option(
         parser, "--mqtt-protocol", default="5", choices=["5", "3.1.1"], help="MQTT protocol version to speak"
@@ -52,7 +53,22 @@ def add_broker_options(parser: argparse.ArgumentParser) -> None:
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerUrl:
-    """The broker URL and credentials the resolved options describe (call after ``config.resolve``)."""
-    from fedmask.protocol.broker_url import parse_broker_url
+    """The (first) broker URL and credentials the resolved options describe (after ``config.resolve``)."""
+    return brokers_from_args(args)[0]
 
-    return parse_broker_url(args.broker, ca_file=args.ca_file, credentials_file=args.credentials_file)
+
+def brokers_from_args(args: argparse.Namespace) -> list[BrokerUrl]:
+    """Every broker URL of ``--broker`` (comma-separated: the nodes of one cluster), in order."""
+    from fedmask.protocol.broker_url import BrokerUrlError, parse_broker_url
+
+    urls = [url.strip() for url in str(args.broker).split(",")]
+    if not all(urls):
+        raise BrokerUrlError(f"--broker {args.broker!r}: an empty URL between commas")
+    brokers = [
+        parse_broker_url(url, ca_file=args.ca_file, credentials_file=args.credentials_file) for url in urls
+    ]
+    if len({(b.tls, b.username, b.password) for b in brokers}) > 1:
+        raise BrokerUrlError(
+            "--broker: the URLs differ in scheme or credentials; the nodes of one cluster share both"
+        )
+    return brokers

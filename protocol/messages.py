@@ -55,7 +55,7 @@ INT64_MIN = -(1 << 63)
 Body = dict[str, Coded]
 FLOAT_CODINGS = ("f32", "f16", "topk")
 HYPER_REQUIRED = ("lr", "local_epochs", "batch_size", "finetune_epochs", "finetune_lr")
-RESULT_METRICS = ("accuracy", "latency_ms", "size_bytes", "peak_rss_bytes")
+RESULT_METRICS = ("accuracy", "latency_ms", "size_bytes", "peak_rss_bytes", "num_test", "density")
 DIRECTIVE_KINDS = ("finalize", "receipt", "rejected")
 PRESENCE_STATUSES = ("online", "offline")
 TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier at bytes 4..8 of every .tflite file
@@ -444,11 +444,15 @@ class Result(Message):
         validate_id(self.task_id, p("task_id"))
         validate_id(self.device, p("device"))
         metrics = _metrics(self.metrics, p("metrics"), required=RESULT_METRICS)
-        if not 0.0 <= metrics["accuracy"] <= 1.0:
-            raise ProtocolError(Rejection.BAD_VALUE, f"{p('metrics.accuracy')} must be in [0, 1]")
-        for name in RESULT_METRICS[1:]:
+        # accuracy and density are shares; num_test counts the test samples behind the accuracy.
+        for name in ("accuracy", "density"):
+            if not 0.0 <= metrics[name] <= 1.0:
+                raise ProtocolError(Rejection.BAD_VALUE, f"{p('metrics.' + name)} must be in [0, 1]")
+        for name in RESULT_METRICS:
             if metrics[name] < 0:
                 raise ProtocolError(Rejection.BAD_VALUE, f"{p('metrics.' + name)} must be >= 0")
+        if not metrics["num_test"].is_integer():
+            raise ProtocolError(Rejection.BAD_VALUE, f"{p('metrics.num_test')} must be a whole number")
         _set(self, "metrics", metrics)
         _set(self, "mask", _blob(self.mask, p("mask")))
         _set(self, "weights", _safetensors(self.weights, p("weights")))

@@ -7,6 +7,13 @@ What it adds to paho, and nothing more:
 - automatic **reconnect** with exponential backoff (paho's ``reconnect_delay_set``), every CONNACK and
   DISCONNECT reason code logged, and **re-subscription** when the broker comes back without the session
   (and on the first connection of the process, whose stored subscriptions may be stale);
+- **failover** over several broker URLs (the nodes of one broker cluster): the first connection tries
+  them in order, and every reconnection goes to the next one. Each URL gets its own session (client id
+  ``<id>``, ``<id>.1``, ``<id>.2``, ...): RabbitMQ 3.x keeps a session on one node, and a client that
+  resumes it on another node while that one is down is disconnected again at every subscribe
+  (observed with 3.10). On the other node we start a new session and re-subscribe; what the dead
+  node held is re-sent end to end by the protocol (the aggregator announces the round again, devices
+  republish updates that have no receipt yet, receipts are idempotent);
 - ``publish(..., wait=True)`` that blocks until the broker's PUBACK (or raises on timeout or on an
   MQTT 5 failure reason code such as 0x87 "Not authorized");
 - per-filter handlers, run on one **worker thread** in arrival order (``dispatch="worker"``, the
@@ -28,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -52,6 +59,30 @@ DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600  # a device may stay offline for days a
 
 class TransportError(RuntimeError):
     """The broker refused or did not answer (connect, subscribe or publish)."""
+
+
+def broker_list(broker: BrokerUrl | str | Sequence[BrokerUrl | str]) -> list[BrokerUrl]:
+    """One or several broker URLs (nodes of one cluster: same TLS and credentials) as a list."""
+    items = [broker] if isinstance(broker, (str, BrokerUrl)) else list(broker)
+    if not items:
+        raise ValueError("no broker URL")
+    brokers = [parse_broker_url(b) if isinstance(b, str) else b for b in items]
+    first = brokers[0]
+    for other in brokers[1:]:
+        if (other.tls, other.username, other.password) != (first.tls, first.username, first.password):
+            raise ValueError(
+                f"broker URLs {first} and {other} differ in TLS or credentials; the URLs of one "
+                "connection name the nodes of one cluster"
+            )
+    return brokers
+
+
+# What a broker that speaks only MQTT 3.1.1 (RabbitMQ 3.x) does with an MQTT 5 CONNECT: no CONNACK.
+MQTT5_HINT = (
+    "no answer to our MQTT 5 CONNECT; is the broker running there? a broker that speaks only MQTT "
+    "3.1.1 (e.g. RabbitMQ 3.x) never answers one: then pass --mqtt-protocol 3.1.1 "
+    "(FEDMASK_MQTT_PROTOCOL) to the aggregator and every device"
+)
 
 
 @dataclass(frozen=True)
@@ -111,11 +142,12 @@ class MqttConnection:
     ``protocol`` is ``"5"`` (default) or ``"3.1.1"``. ``on_connect(session_present)`` runs on paho's
     network thread after every successful (re)connection: it may publish with ``wait=False`` but must
     not block. Subscriptions may be made before ``connect`` (they are sent on connection).
+    ``broker`` is one URL or several (the nodes of one cluster, tried in turn; see failover above).
     """
 
     def __init__(
         self,
-        broker: BrokerUrl | str,
+        broker: BrokerUrl | str | Sequence[BrokerUrl | str],
         client_id: str,
         *,
         protocol: str = "5",
@@ -135,7 +167,8 @@ class MqttConnection:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
         if dispatch not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
-        self.broker = parse_broker_url(broker) if isinstance(broker, str) else broker
+        self.brokers = broker_list(broker)
+        self._broker_index = 0
         self.client_id = validate_id(client_id, "MQTT client id")
         self.protocol = protocol
         self.keepalive_s = keepalive_s
@@ -152,6 +185,10 @@ class MqttConnection:
         self._connected = threading.Event()
         self._connack = threading.Event()  # any CONNACK, success or refusal
         self._refused: ReasonCode | None = None
+        # The broker closed the socket after our CONNECT without any CONNACK (RabbitMQ 3.x does so
+        # with MQTT 5): connect() stops waiting and says which --mqtt-protocol to use.
+        self._closed_before_connack = False
+        self._socket_opened = False  # the first connection was made: later ones are paho's reconnects
         self._closing = False
         self._ever_connected = False
         self._epoch = 0
@@ -170,6 +207,28 @@ class MqttConnection:
         )
         self._worker: threading.Thread | None = None
         self._client = self._make_client(will, reconnect_min_delay_s, reconnect_max_delay_s)
+
+    @property
+    def broker(self) -> BrokerUrl:
+        """The broker URL in use (or tried last)."""
+        return self.brokers[self._broker_index]
+
+    @property
+    def session_id(self) -> str:
+        """The MQTT client id of the session on the current broker URL (see failover above)."""
+        return self.client_id if self._broker_index == 0 else f"{self.client_id}.{self._broker_index}"
+
+    def _use_broker(self, index: int) -> None:
+        """Point paho at URL ``index`` with that URL's session (called with the socket closed)."""
+        self._broker_index = index
+        # paho's setters refuse while it is reconnecting; reconnect() reads these fields.
+        self._client._host, self._client._port = self.broker.host, self.broker.port
+        self._client._client_id = self.session_id.encode()
+
+    def _next_broker(self) -> None:
+        if len(self.brokers) > 1:
+            self._use_broker((self._broker_index + 1) % len(self.brokers))
+            logger.warning("%s: failing over to %s as %s", self.client_id, self.broker, self.session_id)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -202,9 +261,18 @@ class MqttConnection:
                 fresh = will()
                 client.will_set(fresh.topic, fresh.payload, qos=fresh.qos, retain=fresh.retain)
 
-            client.on_pre_connect = refresh_will
         elif will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+        def pre_connect(client, userdata) -> None:
+            # paho's reconnections only (the first connection is _open_socket's): after a lost
+            # connection or a failed attempt, the next node of the cluster.
+            if self._socket_opened:
+                self._next_broker()
+            if callable(will):
+                refresh_will(client, userdata)
+
+        client.on_pre_connect = pre_connect
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
@@ -256,6 +324,14 @@ class MqttConnection:
         self.close()
         if self._refused is not None:
             raise TransportError(f"{self.broker} refused {self.client_id}: {self._refused.getName()}")
+        if self.protocol == "5" and self._closed_before_connack:
+            raise TransportError(
+                f"{self.broker} closed the connection without answering our MQTT 5 CONNECT: it speaks "
+                "only MQTT 3.1.1 (e.g. RabbitMQ 3.x); pass --mqtt-protocol 3.1.1 (FEDMASK_MQTT_PROTOCOL) "
+                "to the aggregator and every device"
+            )
+        if self.protocol == "5":
+            raise TransportError(f"no CONNACK from {self.broker} within {timeout_s:g} s: {MQTT5_HINT}")
         raise TransportError(f"no CONNACK from {self.broker} within {timeout_s:g} s")
 
     def _open_socket(self, deadline: float) -> None:
@@ -273,17 +349,22 @@ class MqttConnection:
             kwargs = {"clean_start": False, "properties": properties}
         delay = 0.1
         while True:
-            try:
-                self._client.connect(self.broker.host, self.broker.port, self.keepalive_s, **kwargs)
-                return
-            except OSError as exc:  # refused, unreachable, timeout, TLS (ssl.SSLError)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.close()
-                    raise TransportError(f"cannot connect to {self.broker}: {exc}") from exc
-                logger.warning("cannot connect %s to %s (%s); retrying", self.client_id, self.broker, exc)
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 5.0)
+            for index in range(len(self.brokers)):
+                self._use_broker(index)
+                try:
+                    self._client.connect(self.broker.host, self.broker.port, self.keepalive_s, **kwargs)
+                    self._socket_opened = True
+                    return
+                except OSError as exc:  # refused, unreachable, timeout, TLS (ssl.SSLError)
+                    error = exc
+                    logger.warning("cannot connect %s to %s (%s)", self.client_id, self.broker, exc)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close()
+                tried = ", ".join(str(b) for b in self.brokers)
+                raise TransportError(f"cannot connect to {tried}: {error}") from error
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Block until connected (e.g. after a broker restart); False on timeout."""
@@ -315,7 +396,7 @@ class MqttConnection:
         logger.info(
             "connected to %s as %s (MQTT %s, %s, session %s)",
             self.broker,
-            self.client_id,
+            self.session_id,
             self.protocol,
             reason_code.getName(),
             "resumed" if session_present else "new",
@@ -344,6 +425,9 @@ class MqttConnection:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
         self._connected.clear()
+        if not self._ever_connected and not self._connack.is_set() and not self._closing:
+            self._closed_before_connack = True
+            self._connack.set()  # connect() stops waiting: it raises with the reason
         with self._lock:
             self._resubscribing.clear()
         if self._closing:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (idempotent; quick when everything is there):
-# system packages (Mosquitto, Fashion-MNIST), a virtualenv in .venv with the project and its dev tools,
-# and, for the tests, a running PostgreSQL.
+# system packages (Mosquitto, RabbitMQ for the cluster tests, Fashion-MNIST), a virtualenv in .venv
+# with the project and its dev tools, and, for the tests, a running PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,8 @@ want_services="${1:-}"   # "--services": also make sure PostgreSQL is running (t
 
 apt_packages=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_packages+=(mosquitto)
+# The clustered-broker tests start RabbitMQ nodes of their own (MQTT plugin); none is left running.
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_packages+=(rabbitmq-server)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
 if ((${#apt_packages[@]})); then
   if [ "$(id -u)" = 0 ]; then

@@ -112,6 +112,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--eval-every", type=int, default=1, help="evaluate all devices every N rounds")
     add_option(p, "--max-payload", type=int, default=128 * 1024, help="largest MQTT payload in bytes")
     add_option(p, "--transport", default="mqtt", choices=["inproc", "mqtt"], help="message transport")
+    add_option(
+        p,
+        "--agent-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--transport mqtt: OS processes the device agents run in (0: one per 100 agents)",
+    )
     add_option(p, "--fleet", default="sim", help="fleet name of the run's topics and store rows")
     add_option(
         p,
@@ -181,6 +189,7 @@ def simulation_config(args: argparse.Namespace) -> Any:
         eval_every=args.eval_every,
         max_payload=args.max_payload,
         transport=args.transport,
+        agent_processes=args.agent_processes or None,
         fleet=args.fleet,
         device_classes=_strategies(args.device_classes) if args.device_classes else [],
         tflite_devices=args.tflite_devices,

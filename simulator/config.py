@@ -44,6 +44,7 @@ class SimulationConfig:
     eval_every: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
     transport: str = "inproc"
+    agent_processes: int | None = None  # mqtt transport: None: one process per ~100 agents
     # Mask codings the simulated parties decode: "bits" alone is the version-1 coding; with "mctx"
     # masks travel coded against the bases both sides hold (protocol.mask_coding).
     mask_codings: list[str] = field(default_factory=lambda: ["bits", "mctx"])
@@ -171,6 +172,7 @@ def validate(config: SimulationConfig) -> SimulationConfig:
     _positive_int("--local-epochs", config.local_epochs)
     _positive_int("--eval-every", config.eval_every)
     _positive_int("--max-payload", config.max_payload)
+    _positive_int("--agent-processes", config.agent_processes, allow_none=True)
     if config.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {config.transport!r}: expected one of {', '.join(TRANSPORTS)}")
     from fedmask.protocol.mask_coding import FULL, MASK_CODINGS

@@ -1,9 +1,11 @@
 """The MQTT transport: a private broker, the aggregator service and one agent per device, for real.
 
-Every agent is its own MQTT client with its own identity and session; they share this process (threads)
-so that a hundred of them fit on a small machine, and a semaphore keeps at most ``train_workers``
-trainings running at once. The aggregator stores everything in a SQLite file in the output directory,
-and the run's numbers are read back from that store and from the bytes the agents really published.
+Every agent is its own MQTT client with its own identity and session; they run in worker processes of
+~100 agents each (``agent_processes``, see ``agent_processes.py``: as devices are separate machines,
+and one process cannot hold more than ~250 paho clients), and a cross-process semaphore keeps at most
+``train_workers`` trainings running at once. The aggregator (this process) stores everything in a
+SQLite file in the output directory, and the run's numbers are read back from that store and from the
+bytes the agents really published.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -24,19 +25,28 @@ logger = logging.getLogger(__name__)
 
 class MqttRun:
     def __init__(
-        self, config: SimulationConfig, data, spec: TaskSpec, *, train_workers: int | None = None
+        self,
+        config: SimulationConfig,
+        data,
+        spec: TaskSpec,
+        *,
+        train_workers: int | None = None,
+        agent_processes: int | None = None,
     ) -> None:
         self.config = config
         self.data = data
         self.spec = spec
         self.train_workers = train_workers or max(1, (os.cpu_count() or 2) // 2)
+        self.agent_processes = agent_processes or getattr(config, "agent_processes", None)
         self.db_url = f"sqlite:///{Path(config.output_dir).resolve() / f'fedmask-{spec.strategy}.db'}"
 
     def run(self, progress=None, timeout_s: float = 3600.0) -> MethodResult:
+        import torch
+
         from fedmask.aggregator.service import AggregatorService
         from fedmask.aggregator.tasks import build_task
         from fedmask.broker_config.embedded import EmbeddedBroker
-        from fedmask.device_agent.agent import DeviceAgent
+        from fedmask.simulator.agent_processes import AgentProcesses
         from fedmask.storage import Store
 
         cfg = self.config
@@ -63,34 +73,31 @@ class MqttRun:
         )
         store = Store(self.db_url)
         store.upgrade()
-        lock = threading.Semaphore(self.train_workers)
         state_dir = Path(cfg.output_dir) / f"agents-{self.spec.strategy}"
         for old in state_dir.glob("*.npz"):
             old.unlink()
         with EmbeddedBroker() as broker, _quiet_fleet():
             protocol = "5" if 5 in broker.protocol_versions else "3.1.1"
             aggregator = AggregatorService(broker.url, cfg.fleet, task, store, protocol=protocol)
-            agents = [
-                DeviceAgent(
-                    broker.url,
-                    cfg.fleet,
-                    d.device_id,
-                    d,
-                    state_dir=state_dir,
-                    protocol=protocol,
-                    train_lock=lock,
-                )
-                for d in devices
-            ]
+            fleet = AgentProcesses(
+                broker.url,
+                cfg.fleet,
+                devices,
+                state_dir=state_dir,
+                protocol=protocol,
+                processes=self.agent_processes,
+                train_workers=self.train_workers,
+                torch_threads=torch.get_num_threads(),  # the same arithmetic as in process
+            )
+            agents = []
             try:
-                for agent in agents:  # presence first, so the aggregator knows every device
-                    agent.start()
+                fleet.start()  # presence first, so the aggregator knows every device
                 aggregator.start()
                 self._wait(aggregator, store, task.task_id, progress, timeout_s)
             finally:
                 aggregator.stop()
-                for agent in agents:
-                    agent.stop()
+                agents = fleet.stop() if fleet.started else []
+                fleet.terminate()
         result = self._collect(store, task, agents, aggregator)
         result.wall_s = time.perf_counter() - started
         store.close()

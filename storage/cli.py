@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DB = "sqlite:///fedmask.db"
 EXPORT_FORMATS = ("tflite", "torch", "mask")
+# storage.records.MODEL_ORDERS, spelled here so building the parser imports no SQLAlchemy.
+MODEL_ORDERS = ("accuracy", "latency_ms", "size_bytes", "density", "num_test", "created_at")
+# Columns where a smaller number is the better model.
+SMALLER_IS_BETTER = ("latency_ms", "size_bytes", "density")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,31 +63,87 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_db(one_round, json_output=True)
     one_round.set_defaults(handler=_round)
 
-    models = subparsers.add_parser("models", help="personalized models: list them, export one")
+    tasks = subparsers.add_parser(
+        "tasks", help="each task's status: rounds done of total, running/finalizing/done/failed, missing"
+    )
+    add_option(tasks, "--fleet", help="only this fleet")
+    add_option(tasks, "--task", help="only this task")
+    _add_db(tasks, json_output=True)
+    tasks.set_defaults(handler=_tasks)
+
+    models = subparsers.add_parser(
+        "models", help="the model registry: list, a device's history, best/worst devices, export"
+    )
     model_actions = models.add_subparsers(dest="models_action", metavar="ACTION", required=True)
-    listing = model_actions.add_parser("list", help="personalized models, best accuracy first")
-    add_option(listing, "--fleet", help="only this fleet")
-    add_option(listing, "--task", help="only this task")
+    listing = model_actions.add_parser(
+        "list", help="personalized models (each device's newest version per task), best accuracy first"
+    )
+    _add_model_filters(listing)
+    listing.add_argument("--all-versions", action="store_true", help="every version, not only the newest")
     listing.add_argument(
         "--min-accuracy", type=float, metavar="A", help="only models with accuracy >= A (0..1)"
     )
+    listing.add_argument("--sort", choices=MODEL_ORDERS, default="accuracy", help="column to sort by")
+    listing.add_argument("--ascending", action="store_true", help="smallest first")
+    listing.add_argument("-n", "--limit", type=int, metavar="N", help="at most N rows")
     _add_db(listing, json_output=True)
     listing.set_defaults(handler=_models_list)
+
+    for name, best in (("best", True), ("worst", False)):
+        ranking = model_actions.add_parser(
+            name, help=f"the {name} devices of a task by their newest model (accuracy unless --sort)"
+        )
+        add_option(ranking, "--task", help="task id (required)")
+        add_option(ranking, "--fleet", help="only this fleet")
+        ranking.add_argument("-n", "--limit", type=int, default=5, metavar="N", help="how many (default 5)")
+        ranking.add_argument(
+            "--sort",
+            choices=MODEL_ORDERS,
+            default="accuracy",
+            help="rank by this column (latency_ms and size_bytes: smaller is better)",
+        )
+        _add_db(ranking, json_output=True)
+        ranking.set_defaults(handler=_models_ranking, best=best)
+
+    history = model_actions.add_parser("history", help="every model version of one device, oldest first")
+    history.add_argument("history_device", metavar="DEVICE", help="device id")
+    add_option(history, "--fleet", help="only this fleet")
+    _add_db(history, json_output=True)
+    history.set_defaults(handler=_models_history)
+
     export = model_actions.add_parser(
-        "export", help="write one device's model file, byte-identical to the stored one"
+        "export", help="write one version of a device's model, byte-identical to the stored one"
     )
-    export.add_argument("device_id", metavar="DEVICE", help="device id")
+    export.add_argument("device_id", nargs="?", metavar="DEVICE", help="device id (or --device)")
+    export.add_argument("--device", dest="device_flag", metavar="ID", help="device id")
     export.add_argument(
         "--format",
         dest="export_format",
         choices=EXPORT_FORMATS,
-        required=True,
-        help="tflite: the .tflite file; torch: fine-tuned weights (safetensors); mask: the encoded mask",
+        default="tflite",
+        help="tflite: the .tflite file (default); torch: fine-tuned weights (safetensors); mask: the "
+        "encoded mask",
     )
-    export.add_argument("-o", "--output", type=Path, required=True, metavar="PATH", help="file to write")
+    export.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="output",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="file to write",
+    )
     add_option(export, "--task", help="task id (default: the device's most recent model)")
+    export.add_argument("--version", type=int, metavar="V", help="model version (default: the newest)")
     _add_db(export)
     export.set_defaults(handler=_models_export)
+
+
+def _add_model_filters(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--fleet", help="only this fleet")
+    add_option(parser, "--task", help="only this task")
+    parser.add_argument("--device", metavar="ID", help="only this device")
 
 
 def _add_db(parser: argparse.ArgumentParser, *, json_output: bool = False) -> None:
@@ -239,40 +299,138 @@ def _round(args: argparse.Namespace) -> int:
     return _run(args, show)
 
 
-def _models_list(args: argparse.Namespace) -> int:
+def _tasks(args: argparse.Namespace) -> int:
     from fedmask.storage import render
 
     def show(store: Store) -> None:
-        models = store.list_models(fleet=args.fleet, task_id=args.task, min_accuracy=args.min_accuracy)
+        statuses = store.task_status(fleet=args.fleet, task_id=args.task)
         if args.json:
-            print(render.to_json(models))
+            print(render.to_json(statuses))
             return
         rows = [
             (
-                m.fleet,
-                m.task_id,
-                m.device_id,
-                round(m.accuracy, 4),
-                round(m.latency_ms, 3),
-                render.size(m.size_bytes),
-                render.size(m.peak_rss_bytes),
-                render.timestamp(m.created_at),
+                t.fleet,
+                t.task_id,
+                t.strategy,
+                t.state or "-",
+                f"{t.rounds_closed}/{t.rounds_total if t.rounds_total is not None else '?'}",
+                t.open_round,
+                f"{t.models}/{t.participants}",
+                render.listing(t.missing),
+                render.timestamp(t.state_at),
             )
-            for m in models
+            for t in statuses
         ]
-        headers = ("FLEET", "TASK", "DEVICE", "ACCURACY", "LATENCY MS", "SIZE", "PEAK RSS", "CREATED")
+        headers = ("FLEET", "TASK", "STRATEGY", "STATE", "ROUNDS", "OPEN", "MODELS", "MISSING", "SINCE")
         print(render.table(headers, rows))
+        for t in statuses:
+            if t.outcome:
+                print(f"{t.task_id}: {t.outcome}")
+
+    return _run(args, show)
+
+
+def _model_rows(models: list) -> str:
+    from fedmask.storage import render
+
+    rows = [
+        (
+            m.fleet,
+            m.task_id,
+            m.device_id,
+            m.version,
+            round(m.accuracy, 4),
+            m.num_test,
+            None if m.density is None else round(m.density, 4),
+            round(m.latency_ms, 3),
+            render.size(m.size_bytes),
+            render.size(m.peak_rss_bytes),
+            render.timestamp(m.created_at),
+        )
+        for m in models
+    ]
+    headers = (
+        "FLEET",
+        "TASK",
+        "DEVICE",
+        "VERSION",
+        "ACCURACY",
+        "TEST N",
+        "DENSITY",
+        "LATENCY MS",
+        "SIZE",
+        "PEAK RSS",
+        "CREATED",
+    )
+    return render.table(headers, rows)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from fedmask.storage import render
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"models list: -n {args.limit}; expected a number of rows >= 1")
+
+    def show(store: Store) -> None:
+        models = store.list_models(
+            fleet=args.fleet,
+            task_id=args.task,
+            min_accuracy=args.min_accuracy,
+            device_id=args.device,
+            all_versions=args.all_versions,
+            order=args.sort,
+            descending=not args.ascending,
+            limit=args.limit,
+        )
+        print(render.to_json(models) if args.json else _model_rows(models))
+
+    return _run(args, show)
+
+
+def _models_ranking(args: argparse.Namespace) -> int:
+    from fedmask.storage import render
+
+    which = "best" if args.best else "worst"
+    if args.task is None:
+        raise ConfigError(
+            f"models {which}: --task is required (or FEDMASK_TASK, or `task:` in the config file)"
+        )
+    if args.limit < 1:
+        raise ConfigError(f"models {which}: -n {args.limit}; expected a number of devices >= 1")
+    # Best = highest accuracy (or test set, ...), but lowest latency, size or density.
+    descending = args.best != (args.sort in SMALLER_IS_BETTER)
+
+    def show(store: Store) -> None:
+        models = store.list_models(
+            fleet=args.fleet, task_id=args.task, order=args.sort, descending=descending, limit=args.limit
+        )
+        print(render.to_json(models) if args.json else _model_rows(models))
+
+    return _run(args, show)
+
+
+def _models_history(args: argparse.Namespace) -> int:
+    from fedmask.storage import render
+
+    def show(store: Store) -> None:
+        models = store.model_history(args.history_device, fleet=args.fleet)
+        print(render.to_json(models) if args.json else _model_rows(models))
 
     return _run(args, show)
 
 
 def _models_export(args: argparse.Namespace) -> int:
     output: Path = args.output
+    if (args.device_id is None) == (args.device_flag is None):
+        raise ConfigError("models export: name the device once: DEVICE or --device ID")
+    device = args.device_id or args.device_flag
+    if args.version is not None and args.version < 1:
+        raise ConfigError(f"models export: --version {args.version}; versions start at 1")
     if not output.parent.is_dir():
         raise ConfigError(f"models export: -o {output}: directory {output.parent} does not exist")
 
     def export(store: Store) -> None:
-        data = store.export_model(args.device_id, args.export_format, task_id=args.task)
+        data = store.export_model(device, args.export_format, task_id=args.task, version=args.version)
         # Write beside the target and rename, so a reader never sees a half-written model file.
         partial = output.with_name(f".{output.name}.partial")
         partial.write_bytes(data)

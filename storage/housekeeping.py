@@ -17,7 +17,7 @@ def prune(connection: Connection, keep_last: int) -> int:
     """Free update payloads outside each task's newest ``keep_last`` rounds; return blobs freed.
 
     Open rounds always keep their payloads (a restarting aggregator needs them), as do aggregates and
-    personalized models. A blob no row refers to (the files of a replaced model) is deleted; a blob only
+    personalized models (every version). A blob no row refers to is deleted; a blob only
     old updates refer to keeps its row, and its digest and size, with ``data`` set to NULL.
     """
     if connection.dialect.name == "postgresql":

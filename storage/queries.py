@@ -9,19 +9,22 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Connection, and_, cast, func, select
+from sqlalchemy import BigInteger, ColumnElement, Connection, Select, and_, cast, func, select
 
 from fedmask.storage.blobs import read_blob
 from fedmask.storage.errors import StorageError
 from fedmask.storage.records import (
+    MODEL_ORDERS,
     AggregateInfo,
     DeviceInfo,
     ExportFormat,
     ModelInfo,
+    ModelOrder,
     RejectionInfo,
     RoundDetail,
     RoundInfo,
     RoundSummary,
+    TaskStatus,
     UpdateSummary,
 )
 from fedmask.storage.schema import (
@@ -244,57 +247,214 @@ def round_detail(connection: Connection, task_id: str, round_no: int) -> RoundDe
     )
 
 
-def list_models(
-    connection: Connection, fleet: str | None, task_id: str | None, min_accuracy: float | None
-) -> list[ModelInfo]:
-    query = (
-        select(
-            Fleet.name,
-            Task.task_id,
-            Device.device_id,
-            PersonalizedModel.accuracy,
-            PersonalizedModel.latency_ms,
-            PersonalizedModel.size_bytes,
-            PersonalizedModel.peak_rss_bytes,
-            PersonalizedModel.metrics,
-            PersonalizedModel.created_at,
-            PersonalizedModel.tflite_sha256,
-            PersonalizedModel.weights_sha256,
-            PersonalizedModel.mask_sha256,
-        )
+MODEL_COLUMNS = (
+    Fleet.name,
+    Task.task_id,
+    Device.device_id,
+    PersonalizedModel.version,
+    PersonalizedModel.accuracy,
+    PersonalizedModel.num_test,
+    PersonalizedModel.density,
+    PersonalizedModel.latency_ms,
+    PersonalizedModel.size_bytes,
+    PersonalizedModel.peak_rss_bytes,
+    PersonalizedModel.metrics,
+    PersonalizedModel.created_at,
+    PersonalizedModel.tflite_sha256,
+    PersonalizedModel.weights_sha256,
+    PersonalizedModel.mask_sha256,
+)
+
+
+def _models() -> Select[Any]:
+    return (
+        select(*MODEL_COLUMNS)
         .join(Task, Task.id == PersonalizedModel.task_pk)
         .join(Fleet, Fleet.id == Task.fleet_pk)
         .join(Device, Device.id == PersonalizedModel.device_pk)
-        .order_by(PersonalizedModel.accuracy.desc(), Fleet.name, Task.task_id, Device.device_id)
     )
+
+
+def _newest_versions() -> Any:
+    """(task, device) -> the newest version number."""
+    return (
+        select(
+            PersonalizedModel.task_pk,
+            PersonalizedModel.device_pk,
+            func.max(PersonalizedModel.version).label("version"),
+        )
+        .group_by(PersonalizedModel.task_pk, PersonalizedModel.device_pk)
+        .subquery()
+    )
+
+
+def list_models(
+    connection: Connection,
+    fleet: str | None,
+    task_id: str | None,
+    min_accuracy: float | None,
+    *,
+    device_id: str | None = None,
+    all_versions: bool = False,
+    order: ModelOrder = "accuracy",
+    descending: bool = True,
+    limit: int | None = None,
+) -> list[ModelInfo]:
+    if order not in MODEL_ORDERS:
+        raise ValueError(f"order: {order!r}; expected one of {', '.join(MODEL_ORDERS)}")
+    column = getattr(PersonalizedModel, order)
+    # Unreported values (NULL) sort last either way.
+    ordering = [column.is_(None), column.desc() if descending else column.asc()]
+    query = _models().order_by(
+        *ordering, Fleet.name, Task.task_id, Device.device_id, PersonalizedModel.version.desc()
+    )
+    if not all_versions:
+        newest = _newest_versions()
+        query = query.join(
+            newest,
+            and_(
+                newest.c.task_pk == PersonalizedModel.task_pk,
+                newest.c.device_pk == PersonalizedModel.device_pk,
+                newest.c.version == PersonalizedModel.version,
+            ),
+        )
     if fleet is not None:
         query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
     if task_id is not None:
         query = query.where(PersonalizedModel.task_pk == task_pk(connection, task_id))
+    if device_id is not None:
+        query = query.where(Device.device_id == device_id)
     if min_accuracy is not None:
         query = query.where(PersonalizedModel.accuracy >= min_accuracy)
+    if limit is not None:
+        query = query.limit(limit)
     return [ModelInfo(*row) for row in connection.execute(query)]
 
 
-def export_model(connection: Connection, device_id: str, fmt: ExportFormat, task_id: str | None) -> bytes:
-    """The stored bytes of one file of a device's personalized model (most recent task by default)."""
+def model_history(connection: Connection, device_id: str, fleet: str | None) -> list[ModelInfo]:
+    query = _models().where(Device.device_id == device_id)
+    if fleet is not None:
+        query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
+    query = query.order_by(PersonalizedModel.created_at, PersonalizedModel.id)
+    found = [ModelInfo(*row) for row in connection.execute(query)]
+    if not found and connection.scalar(select(Device.id).where(Device.device_id == device_id)) is None:
+        raise StorageError(f"unknown device {device_id!r}; `fedmask devices` lists the known ones")
+    return found
+
+
+def export_model(
+    connection: Connection, device_id: str, fmt: ExportFormat, task_id: str | None, version: int | None = None
+) -> bytes:
+    """The stored bytes of one file of a device's personalized model (most recent task and newest
+    version by default)."""
     query = (
-        select(EXPORT_COLUMNS[fmt], Task.task_id)
+        select(EXPORT_COLUMNS[fmt], Task.task_id, PersonalizedModel.version)
         .join(Task, Task.id == PersonalizedModel.task_pk)
         .join(Device, Device.id == PersonalizedModel.device_pk)
         .where(Device.device_id == device_id)
-        .order_by(PersonalizedModel.created_at.desc(), PersonalizedModel.id.desc())
+        .order_by(
+            PersonalizedModel.created_at.desc(),
+            PersonalizedModel.version.desc(),
+            PersonalizedModel.id.desc(),
+        )
         .limit(1)
     )
     if task_id is not None:
         query = query.where(PersonalizedModel.task_pk == task_pk(connection, task_id))
+    if version is not None:
+        query = query.where(PersonalizedModel.version == version)
     row = connection.execute(query).one_or_none()
     if row is None:
         scope = f" in task {task_id!r}" if task_id is not None else ""
+        if version is not None:
+            scope += f" with version {version}"
         raise StorageError(f"no personalized model stored for device {device_id!r}{scope}")
-    digest, found_task = row
+    digest, found_task, found_version = row
     return read_blob(
-        connection, digest, f"{fmt} file of device {device_id!r}'s model for task {found_task!r}"
+        connection,
+        digest,
+        f"{fmt} file of device {device_id!r}'s model for task {found_task!r}, version {found_version}",
+    )
+
+
+def task_status(connection: Connection, fleet: str | None, task_id: str | None) -> list[TaskStatus]:
+    query = (
+        select(
+            Task.id,
+            Task.fleet_pk,
+            Fleet.name,
+            Task.task_id,
+            Task.strategy,
+            Task.state,
+            Task.schedule,
+            Task.outcome,
+            Task.state_at,
+            Task.created_at,
+        )
+        .join(Fleet, Fleet.id == Task.fleet_pk)
+        .order_by(Task.created_at, Task.task_id)
+    )
+    if fleet is not None:
+        query = query.where(Task.fleet_pk == fleet_pk(connection, fleet))
+    if task_id is not None:
+        query = query.where(Task.id == task_pk(connection, task_id))
+    return [_task_status(connection, row) for row in connection.execute(query).all()]
+
+
+def _task_status(connection: Connection, task: Any) -> TaskStatus:
+    closed = connection.scalar(select(func.count()).where(Round.task_pk == task.id, Round.state == "closed"))
+    open_round = connection.scalar(
+        select(func.max(Round.round_no)).where(Round.task_pk == task.id, Round.state == "open")
+    )
+    participants = set(
+        connection.scalars(
+            select(Device.device_id)
+            .join(Update, Update.device_pk == Device.id)
+            .where(Update.task_pk == task.id)
+        )
+    )
+    with_model = set(
+        connection.scalars(
+            select(Device.device_id)
+            .join(PersonalizedModel, PersonalizedModel.device_pk == Device.id)
+            .where(PersonalizedModel.task_pk == task.id)
+        )
+    )
+    if open_round is not None:
+        # What the aggregator waits for: its participants and the fleet's online devices.
+        online = set(
+            connection.scalars(
+                select(Device.device_id).where(Device.fleet_pk == task.fleet_pk, Device.presence == "online")
+            )
+        )
+        contributed = set(
+            connection.scalars(
+                select(Device.device_id)
+                .join(Update, Update.device_pk == Device.id)
+                .join(Round, Round.id == Update.round_pk)
+                .where(Round.task_pk == task.id, Round.round_no == open_round)
+            )
+        )
+        missing = sorted((participants | online) - contributed)
+    elif task.state == "done":
+        missing = []
+    else:
+        missing = sorted(participants - with_model)
+    rounds_total = (task.schedule or {}).get("rounds")
+    return TaskStatus(
+        fleet=task.name,
+        task_id=task.task_id,
+        strategy=task.strategy,
+        state=task.state,
+        rounds_closed=int(closed or 0),
+        rounds_total=rounds_total if isinstance(rounds_total, int) else None,
+        open_round=open_round,
+        participants=len(participants),
+        models=len(participants & with_model),
+        missing=missing,
+        outcome=task.outcome,
+        state_at=task.state_at,
+        created_at=task.created_at,
     )
 
 

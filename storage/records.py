@@ -8,6 +8,15 @@ from typing import Any, Literal
 
 ExportFormat = Literal["tflite", "torch", "mask"]
 EXPORT_FORMATS: tuple[ExportFormat, ...] = ("tflite", "torch", "mask")
+ModelOrder = Literal["accuracy", "latency_ms", "size_bytes", "density", "num_test", "created_at"]
+MODEL_ORDERS: tuple[ModelOrder, ...] = (
+    "accuracy",
+    "latency_ms",
+    "size_bytes",
+    "density",
+    "num_test",
+    "created_at",
+)
 
 
 @dataclass(frozen=True)
@@ -117,12 +126,15 @@ class RoundDetail:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A personalized model's scores and where its files are (blob digests); no file bytes."""
+    """One version of a personalized model: its scores and where its files are (blob digests)."""
 
     fleet: str
     task_id: str
     device_id: str
+    version: int
     accuracy: float
+    num_test: int | None  # test samples behind the accuracy (None: not reported)
+    density: float | None  # kept share of the masked weights (None: not reported)
     latency_ms: float
     size_bytes: int
     peak_rss_bytes: int
@@ -131,6 +143,25 @@ class ModelInfo:
     tflite_sha256: str
     weights_sha256: str
     mask_sha256: str
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """Where a task stands: rounds closed of its total, the aggregator's state, who it waits for."""
+
+    fleet: str
+    task_id: str
+    strategy: str
+    state: str | None  # running, finalizing, done, failed (None: stored before task states existed)
+    rounds_closed: int
+    rounds_total: int | None  # from the schedule (None: not stored)
+    open_round: int | None
+    participants: int  # devices with an accepted update
+    models: int  # participants whose personalized model is stored
+    missing: list[str]  # devices the open round or the finalization waits for
+    outcome: str | None  # why it failed
+    state_at: dt.datetime | None
+    created_at: dt.datetime
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,14 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def listing(names: Sequence[str], shown: int = 5) -> str:
+    """``a, b, c +4 more``: a column of names that stays readable for a large fleet."""
+    if not names:
+        return "-"
+    more = f" +{len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned columns separated by two spaces; numbers right-aligned."""
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]

@@ -43,6 +43,9 @@ NAMING_CONVENTION = {
 SHA256_HEX = String(64)
 ROUND_STATES = ("open", "closed")
 CLOSED_BY = ("quorum", "deadline")
+# What the aggregator last said of a task: rounds running, waiting for the personalized models, or
+# ended (every participant reported / a deadline passed with models missing).
+TASK_STATES = ("running", "finalizing", "done", "failed")
 
 
 class Base(DeclarativeBase):
@@ -70,9 +73,11 @@ class Fleet(Base):
 
 
 class Task(Base):
-    """A training task: what every party needs to derive the same frozen weights."""
+    """A training task: what every party needs to derive the same frozen weights, its schedule, and
+    where the aggregator got with it (``state``; NULL for tasks stored before migration 0004)."""
 
     __tablename__ = "tasks"
+    __table_args__ = (CheckConstraint(f"state IN {TASK_STATES!r}", name="state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -83,6 +88,10 @@ class Task(Base):
     strategy: Mapped[str] = mapped_column(String(64))
     arch: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime]
+    schedule: Mapped[dict[str, Any] | None]  # rounds, quorum, deadlines (protocol.messages.Schedule)
+    state: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(Text)  # why it failed, in one line
+    state_at: Mapped[dt.datetime | None]
 
 
 class Device(Base):
@@ -183,14 +192,19 @@ class Aggregate(Base):
 
 
 class PersonalizedModel(Base):
-    """A device's final model for a task; saving again replaces it."""
+    """One version of a device's final model for a task. A result with other files than the newest
+    version's is a new version (1, 2, ...); the same files again are the same version."""
 
     __tablename__ = "personalized_models"
-    __table_args__ = (UniqueConstraint("task_pk", "device_pk"),)
+    __table_args__ = (
+        UniqueConstraint("task_pk", "device_pk", "version"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     device_pk: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
     mask_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     weights_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     tflite_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
@@ -198,6 +212,8 @@ class PersonalizedModel(Base):
     latency_ms: Mapped[float] = mapped_column(Double)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     peak_rss_bytes: Mapped[int] = mapped_column(BigInteger)
+    num_test: Mapped[int | None] = mapped_column(Integer)  # test samples the accuracy is over
+    density: Mapped[float | None] = mapped_column(Double)  # kept share of the masked weights (1: dense)
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[dt.datetime]
 

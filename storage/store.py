@@ -29,15 +29,18 @@ from fedmask.storage.records import (
     DeviceInfo,
     ExportFormat,
     ModelInfo,
+    ModelOrder,
     NewRejection,
     NewUpdate,
     RoundDetail,
     RoundInfo,
     RoundSummary,
     StoredUpdate,
+    TaskStatus,
 )
 from fedmask.storage.schema import (
     CLOSED_BY,
+    TASK_STATES,
     Aggregate,
     Blob,
     Device,
@@ -133,9 +136,12 @@ class Store:
         weights_digest: str,
         strategy: str,
         arch: str,
+        schedule: dict[str, Any] | None = None,
     ) -> None:
         """Record a task (and its fleet, if new). Registering the same task again is a no-op; the same
-        task id with a different fleet, seed, digest, strategy, arch or spec is refused."""
+        task id with a different fleet, seed, digest, strategy, arch or spec is refused. ``schedule``
+        (rounds, quorum, deadlines) is kept as the newest registration gives it: an operator may
+        lengthen a run."""
         values = {
             "task_id": validation.name(task_id, "task_id"),
             "spec": validation.json_document(spec, "spec"),
@@ -162,6 +168,25 @@ class Store:
                     f"task {task_id!r} is already registered with a different {', '.join(differing)}; "
                     "a task id names one set of frozen weights for good, so register a new task id"
                 )
+            if schedule is not None:
+                connection.execute(
+                    update(Task)
+                    .where(Task.task_id == task_id)
+                    .values(schedule=validation.json_document(schedule, "schedule"))
+                )
+
+    def set_task_state(self, task_id: str, state: str, outcome: str | None = None) -> None:
+        """Record where the aggregator got with a task: running, finalizing, done or failed (with
+        ``outcome``, one line saying why)."""
+        if state not in TASK_STATES:
+            raise ValueError(f"state: {state!r}; expected one of {TASK_STATES}")
+        with write_transaction(self._engine) as connection:
+            self._task(connection, task_id)
+            connection.execute(
+                update(Task)
+                .where(Task.task_id == task_id)
+                .values(state=state, outcome=outcome, state_at=utcnow())
+            )
 
     def upsert_device(
         self,
@@ -528,9 +553,13 @@ class Store:
         size_bytes: int,
         peak_rss_bytes: int,
         metrics: dict[str, Any],
-    ) -> None:
-        """Store a device's final model for a task, replacing any earlier one. ``weights`` is a
-        safetensors file, ``mask`` the encoded mask, ``tflite`` the model file; all stored as given."""
+        num_test: int | None = None,
+        density: float | None = None,
+    ) -> int:
+        """Store a device's final model for a task and return its version. ``weights`` is a
+        safetensors file, ``mask`` the encoded mask, ``tflite`` the model file; all stored as given.
+        The same files as the newest version (a redelivered result) are that version again, unchanged;
+        other files are the next version (the device finalized again)."""
         validation.name(device_id, "device_id")
         files = {
             "mask": validation.as_bytes(mask, "mask"),
@@ -542,33 +571,47 @@ class Store:
             "latency_ms": validation.finite(latency_ms, "latency_ms", minimum=0.0),
             "size_bytes": validation.integer(size_bytes, "size_bytes", minimum=0),
             "peak_rss_bytes": validation.integer(peak_rss_bytes, "peak_rss_bytes", minimum=0),
+            "num_test": None if num_test is None else validation.integer(num_test, "num_test", minimum=0),
+            "density": None
+            if density is None
+            else validation.finite(density, "density", minimum=0.0, maximum=1.0),
             "metrics": validation.json_document(metrics, "metrics"),
         }
+        digests = {f"{kind}_sha256": sha256_hex(data) for kind, data in files.items()}
         now = utcnow()
         with write_transaction(self._engine) as connection:
             task = self._task(connection, task_id)
-            row = {
-                "task_pk": task.pk,
-                "device_pk": self._device_pk(connection, task.fleet_pk, device_id, now),
-                **{f"{kind}_sha256": put_blob(connection, data, now) for kind, data in files.items()},
-                **scores,
-                "created_at": now,
-            }
-            insert = insert_for(connection, PersonalizedModel).values(**row)
-            replaced = {key: insert.excluded[key] for key in row if key not in ("task_pk", "device_pk")}
+            device_pk = self._device_pk(connection, task.fleet_pk, device_id, now)
+            newest = connection.execute(
+                select(PersonalizedModel.version, *(getattr(PersonalizedModel, k) for k in digests))
+                .where(PersonalizedModel.task_pk == task.pk, PersonalizedModel.device_pk == device_pk)
+                .order_by(PersonalizedModel.version.desc())
+                .limit(1)
+            ).one_or_none()
+            if newest is not None and all(getattr(newest, k) == v for k, v in digests.items()):
+                return newest.version
+            for data in files.values():
+                put_blob(connection, data, now)
+            version = 1 if newest is None else newest.version + 1
             connection.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[PersonalizedModel.task_pk, PersonalizedModel.device_pk], set_=replaced
+                insert_for(connection, PersonalizedModel).values(
+                    task_pk=task.pk, device_pk=device_pk, version=version, **digests, **scores, created_at=now
                 )
             )
+        return version
 
-    def export_model(self, device_id: str, fmt: ExportFormat, task_id: str | None = None) -> bytes:
+    def export_model(
+        self, device_id: str, fmt: ExportFormat, task_id: str | None = None, version: int | None = None
+    ) -> bytes:
         """The stored bytes of a device's model: ``tflite`` (the .tflite file), ``torch`` (fine-tuned
-        weights, safetensors) or ``mask``. Without ``task_id``, the device's most recent model."""
+        weights, safetensors) or ``mask``. Without ``task_id``, the device's most recent model; without
+        ``version``, the task's newest version."""
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"format: {fmt!r}; expected one of {EXPORT_FORMATS}")
+        if version is not None:
+            validation.integer(version, "version", minimum=1)
         with read_transaction(self._engine) as connection:
-            return queries.export_model(connection, device_id, fmt, task_id)
+            return queries.export_model(connection, device_id, fmt, task_id, version)
 
     # -- operator queries ----------------------------------------------------------------------------
 
@@ -588,11 +631,44 @@ class Store:
             return queries.round_detail(connection, task_id, round_no)
 
     def list_models(
-        self, fleet: str | None = None, task_id: str | None = None, min_accuracy: float | None = None
+        self,
+        fleet: str | None = None,
+        task_id: str | None = None,
+        min_accuracy: float | None = None,
+        *,
+        device_id: str | None = None,
+        all_versions: bool = False,
+        order: ModelOrder = "accuracy",
+        descending: bool = True,
+        limit: int | None = None,
     ) -> list[ModelInfo]:
-        """Personalized models, best accuracy first."""
+        """Personalized models (each device's newest version per task unless ``all_versions``),
+        sorted by ``order`` (accuracy, latency_ms, size_bytes, density, num_test, created_at), best
+        accuracy first by default; at most ``limit`` rows."""
+        if limit is not None:
+            validation.integer(limit, "limit", minimum=1)
         with read_transaction(self._engine) as connection:
-            return queries.list_models(connection, fleet, task_id, min_accuracy)
+            return queries.list_models(
+                connection,
+                fleet,
+                task_id,
+                min_accuracy,
+                device_id=device_id,
+                all_versions=all_versions,
+                order=order,
+                descending=descending,
+                limit=limit,
+            )
+
+    def model_history(self, device_id: str, fleet: str | None = None) -> list[ModelInfo]:
+        """Every version of a device's models over all its tasks, oldest first."""
+        with read_transaction(self._engine) as connection:
+            return queries.model_history(connection, device_id, fleet)
+
+    def task_status(self, fleet: str | None = None, task_id: str | None = None) -> list[TaskStatus]:
+        """Each task's rounds done of total, state, and the devices it waits for."""
+        with read_transaction(self._engine) as connection:
+            return queries.task_status(connection, fleet, task_id)
 
     # -- housekeeping --------------------------------------------------------------------------------
 

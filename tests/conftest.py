@@ -6,4 +6,5 @@ pytest_plugins = (
     "fixtures.database",
     "fixtures.fleet",
     "fixtures.model_inputs",
+    "fixtures.rabbitmq",
 )

@@ -58,6 +58,8 @@ def test_add_service_user_writes_the_aggregator_account(tmp_path):
         (["broker", "run", "--config", "test", "--dry-run"], "--config test needs --passwd FILE"),
         (["broker", "run", "--config", "no-such.conf", "--dry-run"], "not one of dev, production, test"),
         (["broker", "run", "--port", "0", "--dry-run"], "--port must be 1..65535"),
+        (["broker", "run", "--port-map", "8883:1", "--dry-run"], "expected OLD=NEW"),
+        (["broker", "run", "--config", "production", "--port-map", "9999=1", "--dry-run"], "no listener on"),
     ],
 )
 def test_bad_input_is_a_usage_error_naming_the_problem(tmp_path, capsys, monkeypatch, argv, message):
@@ -76,6 +78,30 @@ def test_run_dry_run_moves_the_dev_listener(tmp_path, capsys):
     assert "listener 18999 127.0.0.1" in out.splitlines()
     assert "allow_anonymous true" in out.splitlines()
     assert out.startswith("# command: ") and str(data / "dev-port18999.conf") in out.splitlines()[0]
+
+
+def test_run_dry_run_moves_every_production_listener_and_path(tmp_path, capsys):
+    """A one-machine trial of production.conf: loopback, free ports, files under the trial's folders;
+    everything else as shipped, and no deprecated option."""
+    etc, data = tmp_path / "conf", tmp_path / "data"
+    argv = ["broker", "run", "--config", "production", "--bind", "127.0.0.1", "--config-dir", str(etc)]
+    argv += ["--port-map", "8883=18883", "--port-map", "8884=18884", "--port-map", "1883=11883"]
+    argv += ["--data-dir", str(data), "--log-dest", "stderr", "--user", "nobody", "--dry-run"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# command: {find_mosquitto() or 'mosquitto'} -c {data / 'production-local.conf'}"
+    assert [line for line in lines if line.startswith("listener")] == [
+        "listener 18883 127.0.0.1",
+        "listener 18884 127.0.0.1",
+        "listener 11883 127.0.0.1",
+    ]
+    assert f"cafile {etc}/certs/ca.crt" in lines and f"password_file {etc}/fedmask-aggregator.passwd" in lines
+    assert f"persistence_location {data}/" in lines and f"pid_file {data}/mosquitto.pid" in lines
+    assert "log_dest stderr" in lines and "user nobody" in lines
+    options = [line for line in lines if line and not line.startswith("#")]
+    assert not [line for line in options if "/etc/" in line or "/var/" in line or "/run/" in line]
+    assert "use_username_as_clientid true" in lines and "max_packet_size 266240" in lines
+    assert not [line for line in lines if line.startswith("message_size_limit")]
 
 
 @needs_mosquitto

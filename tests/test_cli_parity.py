@@ -45,6 +45,7 @@ FLAGS = {
     "eval_every": ("--eval-every", "eval_every"),
     "max_payload": ("--max-payload", "max_payload"),
     "transport": ("--transport", "transport"),
+    "agent_processes": ("--agent-processes", "agent_processes"),
     "fleet": ("--fleet", "fleet"),
     "device_classes": ("--device-classes", "device_classes"),
     "tflite_devices": ("--tflite-devices", "tflite_devices"),

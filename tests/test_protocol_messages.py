@@ -102,7 +102,14 @@ def make_result(**changes) -> m.Result:
         fleet=FLEET,
         task_id="task-1",
         device="dev-2",
-        metrics={"accuracy": 0.875, "latency_ms": 1.25, "size_bytes": 384, "peak_rss_bytes": 50_000_000},
+        metrics={
+            "accuracy": 0.875,
+            "latency_ms": 1.25,
+            "size_bytes": 384,
+            "peak_rss_bytes": 50_000_000,
+            "num_test": 40,
+            "density": 0.5,
+        },
         mask=b"\x01\x02\x03",
         weights=safetensors_file({"fc.weight": np.ones((2, 3), np.float32)}),
         tflite=tiny_tflite(),
@@ -318,6 +325,17 @@ def test_rejects_bad_values_in_other_messages() -> None:
     expect(Rejection.BAD_VALUE, sealed(lambda raw: raw.update(tflite=b"not a model"), make_result()))
     expect(Rejection.BAD_VALUE, sealed(lambda raw: raw.update(weights=b"\xff" * 16), make_result()))
     expect(Rejection.BAD_VALUE, sealed(lambda raw: raw["metrics"].update(accuracy=1.5), make_result()))
+    # What the registry stores of a result: its test-set size (whole) and the mask's density (a share).
+    for bad in ({"density": 1.5}, {"density": -0.1}, {"num_test": 2.5}, {"num_test": -1}):
+        error = expect(
+            Rejection.BAD_VALUE, sealed(lambda raw, bad=bad: raw["metrics"].update(bad), make_result())
+        )
+        assert f"metrics.{next(iter(bad))}" in error.detail
+    for name in ("num_test", "density"):
+        error = expect(
+            Rejection.MISSING_FIELD, sealed(lambda raw, name=name: raw["metrics"].pop(name), make_result())
+        )
+        assert name in error.detail
     expect(Rejection.BAD_VALUE, sealed(lambda raw: raw["hyper"].update(lr=0), make_task()))
     expect(Rejection.BAD_VALUE, sealed(lambda raw: raw["schedule"].update(max_payload=100), make_task()))
     directive = m.Directive(fleet=FLEET, kind="receipt", task_id="task-1", round=1)

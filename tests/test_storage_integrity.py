@@ -10,7 +10,10 @@ import pytest
 from sqlalchemy import select, update
 
 from fedmask.storage import BlobIntegrityError, PayloadPrunedError, Store
+from fedmask.storage.blobs import put_blob
+from fedmask.storage.engine import write_transaction
 from fedmask.storage.schema import Blob
+from fedmask.storage.types import utcnow
 
 UTC = dt.timezone.utc
 FLEET, TASK = "orchard", "orchard-t1"
@@ -129,15 +132,18 @@ def test_prune_never_frees_an_open_round_or_a_shared_payload(task_store: Store) 
         task_store.accepted_updates(TASK, 3)
 
 
-def test_prune_deletes_blobs_nothing_refers_to(task_store: Store) -> None:
+def test_prune_deletes_blobs_nothing_refers_to_and_keeps_every_model_version(task_store: Store) -> None:
     first = {"mask": b"m1", "weights": b"w1", "tflite": b"t1"}
     second = {"mask": b"m2", "weights": b"w2", "tflite": b"t2"}
     for files in (first, second):
         task_store.save_personalized_model(
             TASK, "pi-1", accuracy=0.5, latency_ms=1.0, size_bytes=2, peak_rss_bytes=1, metrics={}, **files
         )
-    assert task_store.prune(keep_last=0) == len(first)  # the replaced model's three files
+    with write_transaction(task_store.engine) as connection:  # bytes left behind by nobody
+        put_blob(connection, b"orphan", utcnow())
+    assert task_store.prune(keep_last=0) == 1
     assert task_store.export_model("pi-1", "torch") == second["weights"]
+    assert task_store.export_model("pi-1", "torch", version=1) == first["weights"]
 
 
 def test_a_pruned_payload_comes_back_when_the_same_bytes_are_stored_again(task_store: Store) -> None:

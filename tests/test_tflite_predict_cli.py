@@ -10,6 +10,8 @@ import torch
 
 from fedmask.cli import main
 from fedmask.datasets.federated import DeviceData, save_device
+from fedmask.datasets.labels import FASHION_MNIST
+from fedmask.device_agent import local_model
 from fedmask.models.tflite_export import export_tflite
 from fedmask.models.zoo import build_model
 
@@ -40,8 +42,9 @@ def test_npz_with_labels_prints_table_and_accuracy(femnist, capsys) -> None:
         main(["predict", "--model", str(model_path), "--input", str(folder / "xy.npz"), "--limit", "5"]) == 0
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["index", "class", "label", "ok"]
+    assert out[0].split() == ["index", "class", "confidence", "label", "ok"]
     assert [int(line.split()[1]) for line in out[1:6]] == expected[:5].tolist()
+    assert all(0.1 <= float(line.split()[2]) <= 1.0 for line in out[1:6])  # of 10 classes, the top one
     assert out[6] == "... 55 more (use --limit 0 to show all)"
     correct = int((expected == labels).sum())
     assert out[-1] == f"60 samples, accuracy {_accuracy(expected, labels):.4f} ({correct}/60)"
@@ -104,7 +107,42 @@ def test_bad_inputs_fail_with_the_file_named(femnist, capsys, tmp_path, monkeypa
         assert main(["predict", "--model", str(model_path), "--input", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert name in err and message in err, err
-    assert main(["predict", "--input", str(tmp_path / "shape.npy")]) == 2
-    assert "--model is required" in capsys.readouterr().err
+    assert main(["predict", "--input", str(tmp_path / "shape.npy"), "--state-dir", str(tmp_path)]) == 2
+    assert f"no --model given and no model kept in {tmp_path}" in capsys.readouterr().err
     assert main(["predict", "--model", str(model_path), "--input", str(tmp_path / "nothing.npy")]) == 2
     assert "nothing.npy does not exist" in capsys.readouterr().err
+
+
+def test_the_devices_own_model_from_the_state_dir_with_names_and_no_banner(femnist, capfd, tmp_path) -> None:
+    """What the agent keeps at finalization (device_agent.local_model) is what predict runs by default;
+    the runtime's XNNPACK banner (native code, file descriptor 2) is not printed."""
+    folder, model_path, x, labels, expected = femnist
+    state = tmp_path / "state"
+    names = list(FASHION_MNIST)
+    for task, saved_at in (("old-task", 1.0), ("new-task", 2.0)):
+        kept = local_model.save(state, "dev-7", task, model_path.read_bytes(), {"label_names": names})
+        info = json.loads(kept.path.with_suffix(".json").read_text())
+        kept.path.with_suffix(".json").write_text(json.dumps({**info, "saved_at": saved_at}))
+    np.savez(folder / "named.npz", x=x, y=labels)
+    capfd.readouterr()
+    assert (
+        main(["predict", "--state-dir", str(state), "--input", str(folder / "named.npz"), "--limit", "3"])
+        == 0
+    )
+    out, err = capfd.readouterr()
+    assert "XNNPACK" not in err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["index", "class", "name"]
+    for i, line in enumerate(lines[1:4]):
+        assert line.split()[1] == str(expected[i])
+        assert names[expected[i]].split()[0] in line  # "Ankle boot" prints as two words
+    argv = ["predict", "--state-dir", str(state), "--input", str(folder / "named.npz"), "--json"]
+    assert main([*argv, "--task", "old-task"]) == 0
+    result = json.loads(capfd.readouterr().out)
+    assert result["class_names"] == [names[c] for c in expected]
+    assert all(0.0 < c <= 1.0 for c in result["confidence"])
+    # Nothing kept there: one line saying where it looked.
+    assert (
+        main(["predict", "--state-dir", str(tmp_path / "empty"), "--input", str(folder / "named.npz")]) == 2
+    )
+    assert "no --model given" in capfd.readouterr().err
