@@ -29,6 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(run, "--db", default="sqlite:///fedmask.db", help="SQLAlchemy URL of the store")
     add_option(run, "--shared-group", help="MQTT 5 shared-subscription group, for several aggregator workers")
     add_option(run, "--client-id", help="MQTT client id (default fedmask-aggregator-<fleet>)")
+    add_option(
+        run,
+        "--batch-max",
+        type=int,
+        default=256,
+        help="group commit: most messages stored in one transaction",
+    )
+    add_option(
+        run,
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="group commit: longest a message waits for its batch to fill before it is stored",
+    )
     run.set_defaults(handler=_run)
 
 
@@ -95,6 +109,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "aggregator run: no task; pass --task FILE (or FEDMASK_TASK, or `task:` in --config)"
         )
+    if args.batch_max < 1 or args.batch_wait_ms < 0:
+        raise ConfigError(
+            f"aggregator run: --batch-max {args.batch_max} and --batch-wait-ms {args.batch_wait_ms:g}: "
+            "need at least 1 message per batch and a wait of 0 ms or more"
+        )
     task = _load_task(args.task, args.fleet)
     broker = brokers_from_args(args)
     url = database_url(args.db)
@@ -116,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
             protocol=args.mqtt_protocol,
             client_id=args.client_id,
             shared_group=args.shared_group,
+            batch_max=args.batch_max,
+            batch_wait_s=args.batch_wait_ms / 1e3,
         )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

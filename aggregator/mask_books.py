@@ -1,9 +1,10 @@
 """The aggregator's mask bases, backed by its store, and what each device says it can decode.
 
-- A device's last accepted masks live in the store's ``mask_bases`` table (written right after the
-  update they came in was committed), so a restarted aggregator still decodes updates coded against
-  them. A crash between the two commits leaves an older base: the device's next update names a base we
-  do not hold, is refused ``stale_base``, and the device sends it again in full coding.
+- A device's last accepted masks live in the store's ``mask_bases`` table (written in the transaction
+  that stores the update they came in), so a restarted aggregator still decodes updates coded against
+  them. A base the aggregator lacks anyway (an update answered again as a duplicate, whose masks are
+  written after it) is covered on the wire: the device's next update names a base we do not hold, is
+  refused ``stale_base``, and the device sends it again in full coding.
 - Announced bodies are the aggregates in the store: the body announced with round ``r`` is the
   aggregate of round ``r - 1``.
 - The retained announcement is coded against the previous one only when every device we know said
@@ -24,7 +25,7 @@ import numpy as np
 from fedmask.protocol.mask_bases import ServerBases, plain
 from fedmask.protocol.mask_coding import CONTEXT, Base, MaskRef, mask_digest
 from fedmask.protocol.tensor_codec import Coded, decode_coded_body
-from fedmask.storage import mask_bases as stored
+from fedmask.storage import mask_bases as stored_masks
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def refused_update(payload: bytes, reason: object) -> tuple[int, str]:
     return max(0, base_round), "update"
 
 
+MaskRow = tuple[int, str, bytes]  # number of bits, digest (hex), packed bits
+
+
+def _masks(body: Mapping[str, Coded]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(c.array, dtype=bool).reshape(-1) for k, c in body.items() if c.coding == "bits"}
+
+
 class StoredBases(ServerBases):
     def __init__(self, store, task_id: str) -> None:
         super().__init__()
@@ -60,7 +68,7 @@ class StoredBases(ServerBases):
     def device_masks(self, device: str) -> dict[str, Base]:
         if device not in self._cache:
             bases = {}
-            for row in stored.load_masks(self.store, self.task_id, device):
+            for row in stored_masks.load_masks(self.store, self.task_id, device):
                 bits = np.unpackbits(np.frombuffer(row.packed, dtype=np.uint8), bitorder="little")
                 base = Base(row.round_no, bits[: row.num_bits].astype(bool))
                 if len(bits) >= row.num_bits and base.ref.digest.hex() == row.digest:
@@ -70,17 +78,26 @@ class StoredBases(ServerBases):
             self._cache[device] = bases
         return self._cache[device]
 
-    def accept(self, device: str, round_no: int, body: Mapping[str, Coded]) -> None:
-        masks = {
-            k: np.asarray(c.array, dtype=bool).reshape(-1) for k, c in body.items() if c.coding == "bits"
-        }
+    def mask_rows(self, round_no: int, body: Mapping[str, Coded]) -> tuple[int, dict[str, MaskRow]] | None:
+        """The store's rows for an update's masks, ``(round, {entry: row})``, or None if it has none:
+        stored with the update, in the same transaction (``Store.record_batch``)."""
+        masks = _masks(body)
         if not masks:
-            return
-        rows = {
+            return None
+        return round_no, {
             k: (int(m.size), mask_digest(m).hex(), np.packbits(m, bitorder="little").tobytes())
             for k, m in masks.items()
         }
-        stored.save_masks(self.store, self.task_id, device, round_no, rows)
+
+    def accept(self, device: str, round_no: int, body: Mapping[str, Coded], *, stored: bool = False) -> None:
+        """An update of ``device`` was accepted: its masks are the device's bases from now on.
+        ``stored``: they were written with it (``mask_rows``); otherwise they are written here."""
+        masks = _masks(body)
+        if not masks:
+            return
+        if not stored:
+            _, rows = self.mask_rows(round_no, body)
+            stored_masks.save_masks(self.store, self.task_id, device, round_no, rows)
         self._cache[device] = {k: Base(round_no, m) for k, m in masks.items()}
 
     def announced_body(self, round_no: int) -> dict[str, np.ndarray] | None:

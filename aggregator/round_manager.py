@@ -8,6 +8,12 @@ is open has staleness ``r - b``; it counts in round ``r`` weighted by ``(1 + sta
 ``staleness_bound``, and is refused past it. Every decision, accepted or not, is recorded in the store
 *before* the caller acknowledges the message to the broker, so a crash loses nothing and a redelivered
 message is recognised (idempotent by task, round, device, and by task, device, base round across rounds).
+
+Group commit: ``on_update`` and ``reject`` decide at once but only add to a pending batch; ``commit``
+writes the batch in one transaction, and only then are its decisions final and may the caller ack and
+answer the messages. Anything else that writes (presence, results, ticks, opening and closing rounds)
+needs an empty batch: the caller commits first (``must_commit`` says when a batch must close early, at
+the quorum).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from fedmask.protocol.errors import BENIGN_REJECTIONS, ProtocolError, Rejection
 from fedmask.protocol.staleness import staleness_weight
 from fedmask.protocol.tensor_codec import decode_coded_body, encode_body
 from fedmask.protocol.topics import Topics
+from fedmask.storage.records import NewRejection, NewUpdate
 from fedmask.strategies import ClientUpdate, ServerHalf, TaskSpec, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -60,6 +67,7 @@ class RoundTiming:
     opened: float
     closed: float | None = None
     aggregate_s: float | None = None  # stored updates decoded, aggregated, aggregate committed
+    announce_s: float | None = None  # the next round opened and its announcement coded (not published)
 
 
 @dataclass
@@ -68,6 +76,25 @@ class OpenRound:
     deadline: float
     contributors: dict[str, int] = field(default_factory=dict)  # device -> staleness
     extensions: int = 0  # deadlines passed with fewer than min_updates
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    row: NewUpdate
+    digest: str  # SHA-256 of the payload, as the store keys it
+    topic: str
+
+
+@dataclass
+class PendingBatch:
+    """Decisions taken and not yet committed: what ``RoundManager.commit`` writes in one transaction."""
+
+    round_no: int | None = None  # the open round every pending update goes to
+    updates: dict[str, PendingUpdate] = field(default_factory=dict)  # by device
+    rejections: list[NewRejection] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.updates) + len(self.rejections)
 
 
 def _utc(ts: float) -> datetime:
@@ -115,6 +142,8 @@ class RoundManager:
         self.participants: set[str] = set()
         # device -> (presence time from the message, status): what the retained state topics say.
         self.presence: dict[str, tuple[float, str]] = {}
+        self._presence_changes = 0
+        self._needed: tuple[tuple[int, int], int] | None = None  # (participants, presence changes) -> needed
         self.finalizing = False
         self.finalize_deadline = 0.0
         self.results: set[str] = set()
@@ -122,6 +151,9 @@ class RoundManager:
         self.outcome: str | None = None  # once done: "complete", or a one-line account of what is missing
         self.max_extensions = int(task.hyper.get("max_round_extensions", 10))
         self.timings: dict[int, RoundTiming] = {}  # rounds this process opened or resumed
+        self.pending = PendingBatch()
+        # Participants of closed rounds (they never change), for the replay check of stale updates.
+        self._closed_participants: dict[int, frozenset[str]] = {}
         # How an announced body travels: (round, body) -> body to encode (the service codes masks
         # against what the devices hold, aggregator.mask_books); by default as it is.
         self.encode_body: Callable[[int, Any], Any] = lambda round_no, body: body
@@ -145,6 +177,7 @@ class RoundManager:
             self.known_devices.add(device.device_id)
             if device.presence is not None and device.presence_at is not None:
                 self.presence[device.device_id] = (device.presence_at.timestamp(), device.presence)
+        self._presence_changes += 1
         self.participants = self.store.task_participants(self.task.task_id)
         self.results = {m.device_id for m in self.store.list_models(task_id=self.task.task_id)}
         latest = self.store.latest_round(self.task.task_id)
@@ -168,7 +201,12 @@ class RoundManager:
         )
         return [*out, self._announcement()]
 
+    def _require_committed(self) -> None:
+        if self.pending:
+            raise RuntimeError("the round manager has an uncommitted batch: commit() it first")
+
     def _open(self, number: int) -> list[Outbound]:
+        self._require_committed()
         deadline = self.clock() + self.schedule.deadline_s
         self.current = OpenRound(number=number, deadline=deadline)
         self.timings[number] = RoundTiming(opened=time.perf_counter())
@@ -245,6 +283,7 @@ class RoundManager:
 
     def tick(self) -> list[Outbound]:
         """Called periodically: closes the round at its deadline, extends it if nobody answered."""
+        self._require_committed()
         now = self.clock()
         if self.finalizing:
             if now >= self.finalize_deadline and not self.done:
@@ -309,19 +348,24 @@ class RoundManager:
 
     def needed(self) -> int:
         """Updates that close the open round before its deadline: ``quorum``, or ``quorum_fraction``
-        of the expected devices (rounded up) when that is more."""
-        share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
-        return max(self.schedule.quorum, share)
+        of the expected devices (rounded up) when that is more. Asked for every update, so computed
+        again only when participants or presence changed (it is linear in the fleet)."""
+        key = (len(self.participants), self._presence_changes)  # participants only ever grow
+        if self._needed is None or self._needed[0] != key:
+            share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
+            self._needed = (key, max(self.schedule.quorum, share))
+        return self._needed[1]
 
     def _close(self, closed_by: str) -> list[Outbound]:
         assert self.current is not None
+        self._require_committed()
         number = self.current.number
         started = time.perf_counter()
         stored = sorted(self.store.accepted_updates(self.task.task_id, number), key=lambda u: u.device_id)
         updates = [
             ClientUpdate(
                 device_id=u.device_id,
-                body={k: c.array for k, c in messages.decode(u.payload, messages.Update).body.items()},
+                body=stored_body(u.payload),
                 num_samples=u.num_samples,
                 staleness=u.staleness,
                 weight=u.weight,
@@ -345,7 +389,10 @@ class RoundManager:
             (closed - started) * 1e3,
             ", ".join(missing) or "nobody",
         )
-        return self._after_close(number)
+        out = self._after_close(number)
+        if number in self.timings:
+            self.timings[number].announce_s = time.perf_counter() - closed
+        return out
 
     # ----- inbound -----------------------------------------------------------------------------
 
@@ -354,6 +401,7 @@ class RoundManager:
         replayed to a restarted aggregator is old news. A participant coming online while the task is
         finalizing without its result is sent the finalize directive again (it may have consumed the
         first one and crashed, or the broker may have lost it)."""
+        self._require_committed()
         self.known_devices.add(device)
         now = self.clock()
         at = min(presence.at, now) if presence.at > 0 else now
@@ -367,6 +415,7 @@ class RoundManager:
         previous = self.presence.get(device)
         if previous is None or previous[0] <= at:  # the store's rule: the newest presence wins
             self.presence[device] = (at, presence.status)
+            self._presence_changes += 1
         if (
             presence.status == "online"
             and self.finalizing
@@ -381,33 +430,43 @@ class RoundManager:
     def reject(
         self, reason: Rejection | str, detail: str, *, device: str | None, topic: str, size: int
     ) -> Decision:
+        """Refuse a message: recorded by the next ``commit``."""
         reason = str(getattr(reason, "value", reason))
         # Redelivery noise (a frame or an update seen twice) is recorded too, but is no cause for alarm.
         level = logging.DEBUG if reason in BENIGN_REASONS else logging.WARNING
         logger.log(level, "rejected message from %s on %s: %s (%s)", device or "?", topic, reason, detail)
-        self.store.record_rejection(
-            self.fleet,
-            reason=reason,
-            detail=detail,
-            task_id=self.task.task_id,
-            round_no=self.current.number if self.current else None,
-            device_id=device,
-            topic=topic,
-            payload_size=size,
+        self.pending.rejections.append(
+            NewRejection(
+                self.fleet,
+                reason=reason,
+                detail=detail,
+                task_id=self.task.task_id,
+                round_no=self.current.number if self.current else None,
+                device_id=device,
+                topic=topic,
+                payload_size=size,
+            )
         )
         return Decision(False, reason, detail)
 
     def on_update(
-        self, device: str, update: messages.Update, payload: bytes, topic: str
+        self,
+        device: str,
+        update: messages.Update,
+        payload: bytes,
+        topic: str,
+        masks: tuple[int, dict[str, tuple[int, str, bytes]]] | None = None,
     ) -> tuple[Decision, list[Outbound]]:
-        """Validate, store (committed) and count one decoded update; the caller acks after this returns."""
-        if update.device == device and update.task_id == self.task.task_id:
-            # The idempotency key of an update is (task, device, base round), whatever round stored it:
-            # a device that lost its receipt republishes the same bytes, maybe rounds later.
-            stored = self.store.find_update(self.task.task_id, device, update.base_round)
-            if stored is not None and stored[1] == hashlib.sha256(payload).hexdigest():
-                return self._already_stored(device, update, payload, topic, stored), []
+        """Validate one decoded update and add it to the pending batch; the decision is final once
+        ``commit`` has run (which may correct it, see there). ``masks``: mask bases stored with it."""
+        digest = hashlib.sha256(payload).hexdigest()
+        own = update.device == device and update.task_id == self.task.task_id
+        twin = self.pending.updates.get(device) if own else None
+        if twin is not None and twin.row.base_round == update.base_round and twin.digest == digest:
+            return Decision(True, None, "duplicate delivery"), []  # one row, both answered
         if self.finalizing and update.task_id == self.task.task_id:
+            if own and (copy := self._stored_copy(device, update, digest)) is not None:
+                return copy, []
             # A device that missed the end of the run (it was offline): tell it to finalize.
             decision = self.reject(
                 Rejection.ROUND_CLOSED, "the run is finalizing", device=device, topic=topic, size=len(payload)
@@ -416,11 +475,14 @@ class RoundManager:
         try:
             weight, staleness = self._check(device, update)
         except ProtocolError as exc:
+            # The idempotency key of an update is (task, device, base round), whatever round stored it:
+            # a device that lost its receipt republishes the same bytes, maybe rounds later. Looked up
+            # only for a refused update; a new one that is already stored conflicts in the store.
+            if own and (copy := self._stored_copy(device, update, digest)) is not None:
+                return copy, []
             return self.reject(exc.reason, exc.detail, device=device, topic=topic, size=len(payload)), []
         assert self.current is not None
-        created = self.store.record_update(
-            self.task.task_id,
-            self.current.number,
+        row = NewUpdate(
             device,
             base_round=update.base_round,
             staleness=staleness,
@@ -428,49 +490,87 @@ class RoundManager:
             num_samples=update.num_samples,
             payload=payload,
             metrics=dict(update.metrics),
+            masks=masks,
         )
-        if not created:  # stored meanwhile (another worker): judge it like any stored update
-            stored = self.store.find_update(self.task.task_id, device, update.base_round)
-            if stored is None:
-                return self.reject(
-                    Rejection.REPLAYED_UPDATE,
-                    f"{device} already contributed to round {self.current.number}",
-                    device=device,
-                    topic=topic,
-                    size=len(payload),
-                ), []
-            return self._already_stored(device, update, payload, topic, stored), []
-        self.current.contributors[device] = staleness
-        self.participants.add(device)
-        out: list[Outbound] = []
-        if len(self.current.contributors) >= self.needed():
-            out = self._close("quorum")
-        return Decision(True), out
+        self.pending.round_no = self.current.number
+        self.pending.updates[device] = PendingUpdate(row, digest, topic)
+        return Decision(True), []
+
+    def must_commit(self) -> bool:
+        """Whether the pending updates reach the quorum: commit now, the round closes."""
+        return (
+            self.current is not None
+            and bool(self.pending.updates)
+            and len(self.current.contributors) + len(self.pending.updates) >= self.needed()
+        )
+
+    def commit(self) -> tuple[dict[str, Decision], list[Outbound]]:
+        """Write the pending batch in one transaction; then count its updates and close the round at
+        the quorum. Returns the decisions that changed (by device: an update another worker stored
+        meanwhile, rare) and what to publish. On an error nothing of the batch is stored or counted."""
+        corrections: dict[str, Decision] = {}
+        counted = False
+        while self.pending:  # a correction may itself record a rejection
+            batch, self.pending = self.pending, PendingBatch()
+            items = list(batch.updates.items())
+            created = self.store.record_batch(
+                self.task.task_id, batch.round_no, [item.row for _, item in items], batch.rejections
+            )
+            for (device, item), stored in zip(items, created, strict=True):
+                if stored:
+                    assert self.current is not None and self.current.number == batch.round_no
+                    self.current.contributors[device] = item.row.staleness
+                    self.participants.add(device)
+                    counted = True
+                else:  # stored meanwhile (another worker, or an earlier round): judge it like any stored
+                    corrections[device] = self._stored_meanwhile(device, item, batch.round_no)
+        if counted and self.current is not None and len(self.current.contributors) >= self.needed():
+            return corrections, self._close("quorum")
+        return corrections, []
+
+    def _stored_meanwhile(self, device: str, item: PendingUpdate, round_no: int | None) -> Decision:
+        base_round, size = item.row.base_round, len(item.row.payload)
+        stored = self.store.find_update(self.task.task_id, device, base_round)
+        if stored is None:
+            return self.reject(
+                Rejection.REPLAYED_UPDATE,
+                f"{device} already contributed to round {round_no}",
+                device=device,
+                topic=item.topic,
+                size=size,
+            )
+        return self._already_stored(device, base_round, item.digest, item.topic, size, stored)
+
+    def _stored_copy(self, device: str, update: messages.Update, digest: str) -> Decision | None:
+        """The original receipt again if these very bytes are stored (any round); else None."""
+        stored = self.store.find_update(self.task.task_id, device, update.base_round)
+        if stored is None or stored[1] != digest:
+            return None
+        return self._already_stored(device, update.base_round, digest, "", 0, stored)
 
     def _already_stored(
-        self, device: str, update: messages.Update, payload: bytes, topic: str, stored: tuple[int, str]
+        self, device: str, base_round: int, digest: str, topic: str, size: int, stored: tuple[int, str]
     ) -> Decision:
         """An update whose (task, device, base round) is stored: the same bytes get the original receipt
         again (nothing is stored twice); different bytes are a replay."""
-        round_no, digest = stored
-        if digest == hashlib.sha256(payload).hexdigest():
+        round_no, stored_digest = stored
+        if stored_digest == digest:
             logger.debug(
                 "%s republished its base-round-%d update (stored in round %d): receipt sent again",
                 device,
-                update.base_round,
+                base_round,
                 round_no,
             )
             if self.current is not None and round_no == self.current.number:
-                self.current.contributors.setdefault(device, self.current.number - update.base_round)
+                self.current.contributors.setdefault(device, self.current.number - base_round)
             self.participants.add(device)
             return Decision(True, None, "duplicate delivery")
         return self.reject(
             Rejection.REPLAYED_UPDATE,
-            f"{device} already has an update from base round {update.base_round} "
-            f"(stored in round {round_no})",
+            f"{device} already has an update from base round {base_round} (stored in round {round_no})",
             device=device,
             topic=topic,
-            size=len(payload),
+            size=size,
         )
 
     def _check(self, device: str, update: messages.Update) -> tuple[float, int]:
@@ -494,20 +594,27 @@ class RoundManager:
         weight = staleness_weight(
             self.current.number, update.base_round, bound=self.schedule.staleness_bound, alpha=self.alpha
         )
-        if device in self.current.contributors:
+        if device in self.current.contributors or device in self.pending.updates:
             raise refuse(
                 Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {self.current.number}"
             )
-        if update.round < self.current.number:
-            earlier = self.store.get_round(self.task.task_id, update.round)
-            if earlier is not None and device in earlier.participants:
-                raise refuse(
-                    Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {update.round}"
-                )
+        if update.round < self.current.number and device in self._participants_of(update.round):
+            raise refuse(Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {update.round}")
         problem = self._check_body(update)
         if problem is not None:
             raise refuse(Rejection.WRONG_BODY, problem)
         return weight, self.current.number - update.base_round
+
+    def _participants_of(self, closed_round: int) -> frozenset[str]:
+        if closed_round not in self._closed_participants:
+            earlier = self.store.get_round(self.task.task_id, closed_round)
+            participants = frozenset(earlier.participants) if earlier is not None else frozenset()
+            if earlier is None or earlier.state != "closed":
+                return participants  # (not cached: only a closed round never changes)
+            if len(self._closed_participants) >= 64:
+                self._closed_participants.clear()
+            self._closed_participants[closed_round] = participants
+        return self._closed_participants[closed_round]
 
     def _check_body(self, update: messages.Update) -> str | None:
         if self.expected is None:
@@ -523,6 +630,8 @@ class RoundManager:
         return None
 
     def on_result(self, device: str, result: messages.Result, payload: bytes, topic: str) -> Decision:
+        """Store a device's personalized model at once (rare and large: not batched)."""
+        self._require_committed()
         size = len(payload)
         if result.device != device:
             return self.reject(
@@ -550,6 +659,12 @@ class RoundManager:
         self.results.add(device)
         self._check_done()
         return Decision(True)
+
+
+def stored_body(payload: bytes) -> dict[str, np.ndarray]:
+    """The arrays of a stored update. Only the body is decoded: the whole message was validated
+    (checksum included) before it was stored, and the store checks its SHA-256 on every read."""
+    return {k: c.array for k, c in decode_coded_body(msgpack.unpackb(payload, raw=False)["body"]).items()}
 
 
 def pack_body(body) -> bytes:

@@ -1,15 +1,19 @@
 """The aggregator service: the round manager wired to MQTT.
 
 One MQTT session (persistent, manual acknowledgements) subscribes to every device's uplink and presence.
-Handlers run on the transport's single worker thread, and a ticker thread checks deadlines; both go
-through one lock, so the round manager never sees two things at once.
+Handlers run on the transport's single worker thread, a ticker thread checks deadlines and a flusher
+thread closes batches; all go through one lock, so the round manager never sees two things at once.
 
-Acknowledgements: a whole message is acknowledged to the broker only after the round manager has
-committed it (accepted or rejected) to the store, and the device then gets a ``receipt`` (or
-``rejected``) directive. Frames of a chunked message are acknowledged as they arrive, except the one
-that completes it: the broker sends a client at most ``max_inflight_messages`` unacknowledged messages,
-so holding every frame would stall delivery. A frame lost in a crash is covered end to end: the device
-republishes its message (same bytes) until it has a receipt, and the store is idempotent.
+Group commit: each whole message is decoded and judged as it arrives (the round manager's decision),
+and waits in a batch; a batch is committed to the store in one transaction when it holds
+``batch_max`` messages, when its first message has waited ``batch_wait_s``, or at once when it reaches
+the round's quorum. Only then are its messages acknowledged to the broker and answered with a
+``receipt`` (or ``rejected``) directive: nothing is acked or receipted before it is durable, and a
+crash before the commit leaves every message of the batch unacked, so the broker delivers it again.
+Frames of a chunked message are acknowledged as they arrive, except the one that completes it: the
+broker sends a client at most ``max_inflight_messages`` unacknowledged messages, so holding every frame
+would stall delivery. A frame lost in a crash is covered end to end: the device republishes its message
+(same bytes) until it has a receipt, and the store is idempotent.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 import msgpack
 
 from fedmask.aggregator.mask_books import StoredBases, refused_update
-from fedmask.aggregator.round_manager import Outbound, RoundManager
+from fedmask.aggregator.round_manager import Decision, Outbound, RoundManager
 from fedmask.protocol import messages
 from fedmask.protocol.chunking import Reassembler, publications, wire_size
 from fedmask.protocol.errors import ProtocolError, Rejection
@@ -32,9 +36,25 @@ from fedmask.protocol.mask_bases import plain
 from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
-from fedmask.protocol.transport import MqttConnection, ReceivedMessage
+from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError
 
 logger = logging.getLogger(__name__)
+
+DUPLICATE = "duplicate delivery"  # the detail of a decision that answers an update already stored
+
+
+@dataclasses.dataclass
+class _Waiting:
+    """A message judged and waiting for its batch's commit; then acked and (with a receipt) answered."""
+
+    message: ReceivedMessage
+    started: float  # perf_counter at delivery
+    device: str | None = None
+    decision: Decision | None = None  # None: acked only (nothing to answer)
+    round_no: int = 0  # what the receipt names
+    detail: str = ""
+    update: messages.Update | None = None  # a decoded update (for the mask books once it is stored)
+    wire_bytes: int = 0
 
 
 class AggregatorService:
@@ -51,7 +71,11 @@ class AggregatorService:
         shared_group: str | None = None,
         reassembly_timeout_s: float = 120.0,
         republish_task_s: float = 60.0,
+        batch_max: int = 256,
+        batch_wait_s: float = 0.005,
     ) -> None:
+        if batch_max < 1 or batch_wait_s < 0:
+            raise ValueError(f"batch_max must be >= 1 and batch_wait_s >= 0, got {batch_max}, {batch_wait_s}")
         self.fleet = fleet
         self.topics = Topics(fleet)
         if not task.codings:  # tell the devices which mask codings we decode
@@ -76,6 +100,16 @@ class AggregatorService:
         self._republish = threading.Event()
         self._last_task_publish = time.monotonic()
         self._lock = threading.RLock()
+        # Group commit (see the module docstring): messages judged and not yet committed, what their
+        # commit lets us publish, and when the batch's first message arrived.
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
+        self._waiting: list[_Waiting] = []
+        self._unconfirmed: list = []  # receipts published, PUBACK not waited for yet
+        self._outbound: list[Outbound] = []
+        self._batch_opened = 0.0
+        self._batch_due = threading.Condition(self._lock)
+        self.batch_sizes: list[int] = []  # messages per committed batch
         self._stop = threading.Event()
         self.finished = threading.Event()
         self.published_bytes = 0
@@ -96,8 +130,11 @@ class AggregatorService:
             manual_ack=True,
             dispatch="worker",
             on_connect=self._on_connect,
+            # A batch can only fill with messages the broker sends before we ack any of them.
+            receive_maximum=min(2 * batch_max, 65535),
         )
         self._ticker = threading.Thread(target=self._tick_loop, name="aggregator-ticker", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop, name="aggregator-flusher", daemon=True)
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -115,12 +152,21 @@ class AggregatorService:
             self._republish.clear()  # the first connection's retained messages are the ones just sent
             self._last_task_publish = time.monotonic()
         self._ticker.start()
+        self._flusher.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._ticker.is_alive():
-            self._ticker.join(timeout=5)
+        with self._lock:
+            try:  # what is judged gets stored and answered; anything later the broker delivers again
+                if self._waiting or self.manager.pending:
+                    self._flush()
+            except Exception:
+                logger.exception("storing the last batch failed")
+            self._batch_due.notify_all()
+        for thread in (self._ticker, self._flusher):
+            if thread.is_alive():
+                thread.join(timeout=5)
         self.connection.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -135,8 +181,10 @@ class AggregatorService:
         while not self._stop.wait(self.tick_s):
             try:
                 with self._lock:
+                    self._flush()  # a round closes only on committed updates
                     # Incomplete messages expire here too, not only when the next frame arrives.
                     self.reassembler.expire()
+                    self._flush()
                     self._publish(self.manager.tick())
                     self._republish_retained()
                     if self.manager.done:
@@ -157,9 +205,13 @@ class AggregatorService:
 
     # ----- publishing -------------------------------------------------------------------------
 
-    def _publish(self, outbound: list[Outbound]) -> None:
+    def _publish(self, outbound: list[Outbound], *, wait: bool = True) -> None:
+        """Publish everything, then wait for the broker's PUBACKs: one round trip, not one per message.
+        ``wait=False`` (a batch's receipts): they are waited for by the next call that waits."""
+        sent = self._unconfirmed
+        announced = None
+        started = time.perf_counter()
         for item in outbound:
-            started = time.perf_counter()
             plan = publications(
                 item.topic,
                 item.payload,
@@ -170,12 +222,21 @@ class AggregatorService:
             if item.retain:
                 self._frames_left[item.topic] = sum(1 for p in plan if p.payload and p.topic != item.topic)
             for publication in plan:
-                self.connection.publish(publication.topic, publication.payload, retain=publication.retain)
+                info = self.connection.publish(
+                    publication.topic, publication.payload, retain=publication.retain, wait=False
+                )
+                sent.append((publication.topic, info))
                 self.published_bytes += len(publication.payload)
             if item.topic == self.topics.round:
-                self.announce_s.append(time.perf_counter() - started)
+                announced = started
                 round_no = msgpack.unpackb(item.payload, raw=False).get("round")
                 self.announcement_wire_bytes[round_no] = sum(len(p.payload) for p in plan)
+        if not wait:
+            return
+        self._unconfirmed = []
+        self.connection.wait_published(sent)
+        if announced is not None:
+            self.announce_s.append(time.perf_counter() - announced)
 
     # ----- inbound ----------------------------------------------------------------------------
 
@@ -205,6 +266,7 @@ class AggregatorService:
 
     def _on_state(self, message: ReceivedMessage) -> None:
         with self._lock:
+            self._flush()  # presence is written at once: the batch before it first
             try:
                 device = self.topics.parse(message.topic).device
                 if message.payload:  # an empty retained message clears a presence
@@ -220,6 +282,7 @@ class AggregatorService:
                     exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
                 )
                 outbound = []
+            self._flush()
             self.connection.ack(message)
             self._publish(outbound)
 
@@ -257,6 +320,14 @@ class AggregatorService:
                 # Never let one message stop the service; it is acked so it cannot wedge the session.
                 logger.exception("failed to handle a message on %s", message.topic)
                 self.connection.ack(message)
+            if self.manager.must_commit() or len(self._waiting) >= self.batch_max:
+                self._flush()
+
+    def _wait_for_commit(self, waiting: _Waiting) -> None:
+        if not self._waiting:
+            self._batch_opened = time.monotonic()
+            self._batch_due.notify()
+        self._waiting.append(waiting)
 
     def _handle_up(self, message: ReceivedMessage) -> None:
         started = time.perf_counter()
@@ -265,20 +336,19 @@ class AggregatorService:
             device = self.topics.parse(message.topic).device
         except ProtocolError as exc:
             self.manager.reject(exc.reason, exc.detail, device=None, topic=message.topic, size=size)
-            self.connection.ack(message)
+            self._wait_for_commit(_Waiting(message, started))
             return
         assert device is not None
         try:
             payload = self.reassembler.accept(device, message.payload)
         except ProtocolError as exc:  # recorded, duplicates included (benign: logged at DEBUG)
             self.manager.reject(exc.reason, exc.detail, device=device, topic=message.topic, size=size)
-            self.connection.ack(message)
+            self._wait_for_commit(_Waiting(message, started))
             return
         if payload is None:  # a frame of a message still incomplete (see the module docstring)
             self.connection.ack(message)
             return
-        outbound: list[Outbound] = []
-        decoded: messages.Message | None = None
+        waiting = _Waiting(message, started, device)
         try:
             decoded = messages.decode(
                 payload,
@@ -288,35 +358,108 @@ class AggregatorService:
                 bases=self.bases.uplink_bases(device),
             )
         except ProtocolError as exc:
-            decision = self.manager.reject(
+            waiting.decision = self.manager.reject(
                 exc.reason, exc.detail, device=device, topic=message.topic, size=len(payload)
             )
             # A mask coded against a base we lack: name the update, so the device resends it in full.
-            round_no, detail = refused_update(payload, exc.reason)
-            receipt = self._receipt(decision, round_no=round_no, detail=detail)
-        else:
-            if isinstance(decoded, messages.Update):
-                # Stored in full coding: the store's payloads decode without any base.
-                stored = payload
-                if any(c.context is not None for c in decoded.body.values()):
-                    stored = messages.encode(dataclasses.replace(decoded, body=plain(decoded.body)))
-                decision, outbound = self.manager.on_update(device, decoded, stored, message.topic)
-                if decision.accepted:
-                    self.bases.accept(device, decoded.round, decoded.body)
-                    self.update_wire_bytes[(device, decoded.round)] = wire_size(payload, self.max_payload)
-                receipt = self._receipt(decision, round_no=decoded.base_round, detail="update")
-            else:
-                decision = self.manager.on_result(device, decoded, payload, message.topic)
-                receipt = self._receipt(decision, round_no=0, detail="result")
-        # Stored (accepted or rejected) and committed: now the broker may forget the message.
+            waiting.round_no, waiting.detail = refused_update(payload, exc.reason)
+            self._wait_for_commit(waiting)
+            return
+        if isinstance(decoded, messages.Result):  # rare and large: stored at once, after the batch
+            self._flush()
+            decision = self.manager.on_result(device, decoded, payload, message.topic)
+            self._flush()  # (its rejection, if any)
+            self.connection.ack(message)
+            receipt = self._receipt(decision, round_no=0, detail="result")
+            self._publish([Outbound(self.topics.down(device), receipt)])
+            if self.manager.done:
+                self.finished.set()
+            return
+        assert isinstance(decoded, messages.Update)
+        # Stored in full coding: the store's payloads decode without any base.
+        stored = payload
+        if any(c.context is not None for c in decoded.body.values()):
+            stored = messages.encode(dataclasses.replace(decoded, body=plain(decoded.body)))
+        masks = self.bases.mask_rows(decoded.round, decoded.body)
+        waiting.decision, outbound = self.manager.on_update(device, decoded, stored, message.topic, masks)
+        waiting.round_no, waiting.detail = decoded.base_round, "update"
+        waiting.update, waiting.wire_bytes = decoded, wire_size(payload, self.max_payload)
+        self._outbound.extend(outbound)
+        self._wait_for_commit(waiting)
+
+    def _flush_loop(self) -> None:
+        """Commits a batch whose first message has waited ``batch_wait_s`` (nothing waits longer)."""
+        with self._lock:
+            while not self._stop.is_set():
+                if not self._waiting:
+                    self._batch_due.wait(1.0)
+                    continue
+                remaining = self._batch_opened + self.batch_wait_s - time.monotonic()
+                if remaining > 0:
+                    self._batch_due.wait(remaining)
+                    continue
+                try:
+                    self._flush()
+                except Exception:  # keep serving: the next batch is tried anew
+                    logger.exception("aggregator batch commit failed")
+
+    def _flush(self) -> None:
+        """Commit the pending batch in one transaction; then ack its messages, answer them, and publish
+        what followed (the next round's announcement when the batch reached the quorum)."""
+        waiting, self._waiting = self._waiting, []
+        outbound, self._outbound = self._outbound, []
+        if not waiting and not self.manager.pending:
+            if outbound:
+                self._publish(outbound)
+            return
+        kill_point("aggregator.before_commit")
+        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        try:
+            corrections, after = self.manager.commit()
+        except Exception:
+            self._unconfirmed = unconfirmed + self._unconfirmed
+            # Nothing of the batch is stored. Acked (so no message can wedge the session) and not
+            # answered: each device republishes its message until it gets a receipt.
+            logger.exception(
+                "storing a batch of %d messages failed; their devices will send them again", len(waiting)
+            )
+            for item in waiting:
+                self.connection.ack(item.message)
+            return
+        self.batch_sizes.append(len(waiting))
+        # Stored (accepted or rejected) and committed: now the broker may forget the messages.
         kill_point("aggregator.commit_before_ack")
-        self.connection.ack(message)
+        for item in waiting:
+            self.connection.ack(item.message)
+        try:
+            self.connection.wait_published(unconfirmed)
+        except TransportError as exc:  # receipts the broker did not confirm: their devices ask again
+            logger.warning("receipts of the previous batch unconfirmed: %s", exc)
         kill_point("aggregator.ack_before_receipt")
-        self._publish([Outbound(self.topics.down(device), receipt)])
-        if isinstance(decoded, messages.Update):
-            self.ingest_s.append(time.perf_counter() - started)
-        if outbound:
+        receipts = []
+        for item in waiting:
+            if item.decision is None or item.device is None:
+                continue
+            decision = item.decision
+            update = item.update
+            if update is not None and decision.accepted:
+                decision = corrections.get(item.device, decision)
+            if update is not None and decision.accepted:
+                # The masks of a stored update went to the store with it; a duplicate's are written now.
+                stored = decision.detail != DUPLICATE
+                self.bases.accept(update.device, update.round, update.body, stored=stored)
+                self.update_wire_bytes[(item.device, update.round)] = item.wire_bytes
+            receipt = self._receipt(decision, round_no=item.round_no, detail=item.detail)
+            receipts.append(Outbound(self.topics.down(item.device), receipt))
+        # Not waited for here: the next batch waits for these PUBACKs after its own commit, by when they
+        # are in (a round trip to the broker per batch saved, and at most two batches outstanding).
+        self._publish(receipts, wait=False)
+        now = time.perf_counter()
+        self.ingest_s.extend(now - item.started for item in waiting if item.update is not None)
+        outbound += after
+        if after:
             kill_point("aggregator.before_announce")
-        self._publish(outbound)
+        if outbound:
+            self._publish(outbound)
         if self.manager.done:
             self.finished.set()

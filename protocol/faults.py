@@ -26,6 +26,7 @@ AGENT_POINTS = (
     "agent.result.after_publish",
 )
 AGGREGATOR_POINTS = (
+    "aggregator.before_commit",  # a batch judged, not yet stored (first: keeps the CI seeds' plans)
     "aggregator.commit_before_ack",
     "aggregator.ack_before_receipt",
     "aggregator.before_announce",

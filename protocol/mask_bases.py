@@ -207,13 +207,13 @@ class ServerBases:
         return self.announced.get(round_no)
 
     def uplink_bases(self, device: str) -> BodyBases:
-        """Lookup for decoding ``device``'s update: its accepted masks, the consensus it names."""
-        prev = self.device_masks(device)
+        """Lookup for decoding ``device``'s update: its accepted masks, the consensus it names. The
+        device's masks are looked up only if the update refers to them (a store read, when backed)."""
 
         def for_entry(name: str) -> BaseLookup:
             def lookup(role: str, ref: MaskRef) -> Base | None:
                 if role == "prev":
-                    return prev.get(name)
+                    return self.device_masks(device).get(name)
                 body = self.announced_body(ref.round)
                 if body is None:
                     # the consensus of the newest round we know, so a stale reference reads as stale

@@ -161,6 +161,7 @@ class MqttConnection:
         on_connect: Callable[[bool], None] | None = None,
         max_pending_handlers: int = 10_000,
         tcp_nodelay: bool | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -176,6 +177,9 @@ class MqttConnection:
         self.dispatch = dispatch
         self._on_connect_hook = on_connect
         self.tcp_nodelay = DEFAULT_TCP_NODELAY if tcp_nodelay is None else tcp_nodelay
+        # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once (else its own
+        # limit, Mosquitto's max_inflight_messages, 20): a consumer that acks in batches needs more.
+        self.receive_maximum = receive_maximum
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -340,6 +344,8 @@ class MqttConnection:
         if self.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = self.session_expiry_s
+            if self.receive_maximum is not None:
+                properties.ReceiveMaximum = self.receive_maximum
             kwargs = {"clean_start": False, "properties": properties}
         delay = 0.1
         while True:
@@ -528,6 +534,20 @@ class MqttConnection:
         if failure is not None:
             raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
         return info
+
+    def wait_published(self, sent: list[tuple[str, mqtt.MQTTMessageInfo]], timeout_s: float = 30.0) -> None:
+        """Wait for the PUBACKs of several ``publish(topic, ..., wait=False)`` calls, given as (topic,
+        info), all within ``timeout_s``: one round trip for a burst, not one per message. Raises like
+        ``publish``."""
+        deadline = time.monotonic() + timeout_s
+        for topic, info in sent:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                raise TransportError(f"no PUBACK for {topic!r} within {timeout_s:g} s")
+            with self._lock:
+                failure = self._puback_failures.pop(info.mid, None)
+            if failure is not None:
+                raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
 
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
         # Runs before paho marks the message published, so publish() sees the reason code.

@@ -1,15 +1,18 @@
 """The aggregator's per-device mask bases in the store (table ``mask_bases``, see ``schema.MaskBase``).
 
 Plain functions over a :class:`~fedmask.storage.store.Store`: the aggregator writes a device's masks
-after it committed the update they came in, and reads them back after a restart.
+in the transaction that stores the update they came in (``Store.record_batch``), and reads them back
+after a restart.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import zlib
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+import numpy as np
+from sqlalchemy import Connection, delete, select
 
 from fedmask.storage import validation
 from fedmask.storage.engine import read_transaction, write_transaction
@@ -38,22 +41,45 @@ def save_masks(
     with write_transaction(store.engine) as connection:
         task = store._task(connection, task_id)
         device_pk = store._device_pk(connection, task.fleet_pk, device_id, now)
-        connection.execute(
-            delete(MaskBase).where(MaskBase.task_pk == task.pk, MaskBase.device_pk == device_pk)
-        )
-        for entry, (num_bits, digest, packed) in masks.items():
-            connection.execute(
-                MaskBase.__table__.insert().values(
-                    task_pk=task.pk,
-                    device_pk=device_pk,
-                    entry=entry,
-                    round_no=round_no,
-                    num_bits=num_bits,
-                    digest=digest,
-                    bits=zlib.compress(packed, 6),
-                    updated_at=now,
-                )
-            )
+        replace_masks(connection, task.pk, {device_pk: (round_no, masks)}, now)
+
+
+def replace_masks(
+    connection: Connection,
+    task_pk: int,
+    masks: dict[int, tuple[int, dict[str, tuple[int, str, bytes]]]],
+    now: dt.datetime,
+) -> None:
+    """In the caller's transaction: replace the bases of each device (by row id) with its masks
+    ``(round, {entry: (bits, digest, packed)})``; how ``Store.record_batch`` writes them with the
+    updates they came in."""
+    connection.execute(
+        delete(MaskBase).where(MaskBase.task_pk == task_pk, MaskBase.device_pk.in_(list(masks)))
+    )
+    rows = [
+        {
+            "task_pk": task_pk,
+            "device_pk": device_pk,
+            "entry": entry,
+            "round_no": round_no,
+            "num_bits": num_bits,
+            "digest": digest,
+            "bits": _compress(packed),
+            "updated_at": now,
+        }
+        for device_pk, (round_no, entries) in masks.items()
+        for entry, (num_bits, digest, packed) in entries.items()
+    ]
+    if rows:
+        connection.execute(MaskBase.__table__.insert(), rows)
+
+
+def _compress(packed: bytes) -> bytes:
+    """zlib, working only where it pays: bits near half density do not compress, and trying costs
+    ~0.3 ms per 10 KB mask on the ingest path (level 0 only frames them)."""
+    ones = int(np.bitwise_count(np.frombuffer(packed, dtype=np.uint8)).sum(dtype=np.int64))
+    density = ones / (8 * len(packed)) if packed else 0.5
+    return zlib.compress(packed, 1 if abs(density - 0.5) > 0.3 else 0)
 
 
 def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:

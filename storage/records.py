@@ -162,3 +162,33 @@ class TaskStatus:
     outcome: str | None  # why it failed
     state_at: dt.datetime | None
     created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class NewUpdate:
+    """An accepted update to store (``Store.record_batch``). ``masks``: the device's mask bases that come
+    with it, ``(round, {entry: (number of bits, digest hex, packed bits)})``, written only if the update
+    is (see ``storage.mask_bases``)."""
+
+    device_id: str
+    base_round: int
+    staleness: int
+    weight: float
+    num_samples: int
+    payload: bytes = field(repr=False)
+    metrics: dict[str, Any]
+    masks: tuple[int, dict[str, tuple[int, str, bytes]]] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class NewRejection:
+    """A refused message to record (``Store.record_batch``); see ``Store.record_rejection``."""
+
+    fleet: str
+    reason: str
+    detail: str
+    task_id: str | None = None
+    round_no: int | None = None
+    device_id: str | None = None
+    topic: str | None = None
+    payload_size: int | None = None

@@ -19,14 +19,14 @@ from fedmask.storage.schema import Update as UpdateRow
 
 @dataclass(frozen=True)
 class HotStatements:
-    # Parameters: task_pk, round_no, device_pk. Row: id, state, existing (this device's update id or NULL).
-    # Share-locks the round on PostgreSQL: updates proceed together, close_round waits for them.
-    round_for_update: Select
+    # Parameters: task_pk, round_no. Row: id, state. Share-locks the round on PostgreSQL: updates proceed
+    # together, close_round waits for them.
+    round_state: Select
     # Parameters: the Blob columns. Inserts once per SHA-256; restores the bytes of a pruned blob.
     put_blob: Insert
-    # Parameters: the Update columns. Returns the new id, or no row if (round, device) or (task, device,
-    # base round) already exists.
-    insert_update: Insert
+    # Parameters: the Update columns, one set per row (executemany). Returns the device_pk of each new
+    # row; none for a row whose (round, device) or (task, device, base round) already exists.
+    insert_updates: Insert
     # Parameters: device_pk, now. Moves last_seen_at forward only.
     touch_device: Update
 
@@ -42,22 +42,17 @@ def insert_for(connection: Connection, model: type) -> postgresql.Insert | sqlit
 
 @functools.cache
 def hot_statements(dialect_name: str) -> HotStatements:
-    existing = (
-        select(UpdateRow.id)
-        .where(UpdateRow.round_pk == Round.id, UpdateRow.device_pk == bindparam("device_pk"))
-        .scalar_subquery()
-    )
     blob = dialect_insert(dialect_name, Blob)
     return HotStatements(
-        round_for_update=select(Round.id, Round.state, existing.label("existing"))
+        round_state=select(Round.id, Round.state)
         .where(Round.task_pk == bindparam("task_pk"), Round.round_no == bindparam("round_no"))
         .with_for_update(read=True, of=Round),
         put_blob=blob.on_conflict_do_update(
             index_elements=[Blob.sha256], set_={"data": blob.excluded.data}, where=Blob.data.is_(None)
         ),
-        insert_update=dialect_insert(dialect_name, UpdateRow)
+        insert_updates=dialect_insert(dialect_name, UpdateRow)
         .on_conflict_do_nothing()
-        .returning(UpdateRow.id),
+        .returning(UpdateRow.device_pk),
         touch_device=update(Device)
         .where(Device.id == bindparam("device_pk"), Device.last_seen_at < bindparam("now"))
         .values(last_seen_at=bindparam("now")),

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, case, func, select, update
+from sqlalchemy import Connection, Engine, case, func, select, tuple_, update
 from sqlalchemy.engine import URL
 
-from fedmask.storage import housekeeping, migrate, queries, validation
+from fedmask.storage import housekeeping, mask_bases, migrate, queries, validation
 from fedmask.storage.blobs import put_blob, read_blob, sha256_hex, verified
 from fedmask.storage.engine import make_engine, normalize_url, read_transaction, write_transaction
 from fedmask.storage.errors import RoundClosedError, StorageError
@@ -30,6 +30,8 @@ from fedmask.storage.records import (
     ExportFormat,
     ModelInfo,
     ModelOrder,
+    NewRejection,
+    NewUpdate,
     RoundDetail,
     RoundInfo,
     RoundSummary,
@@ -65,10 +67,6 @@ _STREAM_BATCH = 16
 class _TaskRef:
     pk: int
     fleet_pk: int
-
-
-class _AlreadyStored(Exception):
-    """Raised inside a write transaction to roll it back when a concurrent writer stored the same update."""
 
 
 class Store:
@@ -278,46 +276,98 @@ class Store:
         open (see :meth:`find_update`). Raises RoundClosedError for a new update to a closed round. A
         device not seen before is registered in the task's fleet: an update is proof it exists.
         """
-        validation.name(device_id, "device_id")
-        validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
-        values = {
-            "base_round": validation.integer(base_round, "base_round", minimum=0, maximum=INT32_MAX),
-            "staleness": validation.integer(staleness, "staleness", minimum=0, maximum=INT32_MAX),
-            "weight": validation.finite(weight, "weight", minimum=0.0),
-            "num_samples": validation.integer(num_samples, "num_samples", minimum=0, maximum=INT32_MAX),
-            "metrics": validation.json_document(metrics, "metrics"),
-        }
-        payload = validation.as_bytes(payload, "payload")
+        update = NewUpdate(device_id, base_round, staleness, weight, num_samples, payload, metrics)
+        return self.record_batch(task_id, round_no, [update])[0]
+
+    def record_batch(
+        self,
+        task_id: str | None,
+        round_no: int | None,
+        updates: Sequence[NewUpdate] = (),
+        rejections: Sequence[NewRejection] = (),
+    ) -> list[bool]:
+        """Store accepted updates of one round and refused messages in ONE committed transaction (the
+        aggregator's group commit); per update, True if stored, False if it already was (as
+        :meth:`record_update`, whose rules each update follows; a device named twice is stored once).
+
+        All or nothing: a closed round (``RoundClosedError``) or a bad value stores none of them.
+        """
+        updates, rejections = list(updates), list(rejections)
+        if updates:
+            if task_id is None or round_no is None:
+                raise ValueError("record_batch: updates need their task_id and round_no")
+            validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
+        rows = [_update_values(update) for update in updates]
+        rejected = [_rejection_values(rejection) for rejection in rejections]
+        if not rows and not rejected:
+            return []
         now = utcnow()
-        try:
-            with write_transaction(self._engine) as connection:
-                hot = hot_statements(connection.dialect.name)
-                task = self._task(connection, task_id)
-                device_pk = self._device_pk(connection, task.fleet_pk, device_id, now)
-                round_row = connection.execute(
-                    hot.round_for_update, {"task_pk": task.pk, "round_no": round_no, "device_pk": device_pk}
-                ).one_or_none()
-                if round_row is None:
-                    raise StorageError(f"task {task_id!r} has no round {round_no}; open_round() it first")
-                if round_row.existing is not None:
-                    return False
-                if round_row.state != "open":
-                    raise RoundClosedError(f"round {round_no} of task {task_id!r} is closed; update refused")
-                digest = put_blob(connection, payload, now)
-                row = {
-                    "task_pk": task.pk,
-                    "round_pk": round_row.id,
-                    "device_pk": device_pk,
-                    "payload_sha256": digest,
-                }
-                row.update(payload_bytes=len(payload), received_at=now, **values)
-                # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING.
-                if connection.execute(hot.insert_update, row).first() is None:
-                    raise _AlreadyStored  # a concurrent delivery of the same update committed first
-                connection.execute(hot.touch_device, {"device_pk": device_pk, "now": now})
-        except _AlreadyStored:
-            return False
-        return True
+        with write_transaction(self._engine) as connection:
+            created = self._insert_updates(connection, task_id, round_no, rows, now) if rows else []
+            if rejected:
+                for row in rejected:
+                    row["fleet_pk"] = self._fleet_pk(connection, row.pop("fleet"), now)
+                    row["received_at"] = now
+                connection.execute(insert_for(connection, Rejection), rejected)
+        return created
+
+    def _insert_updates(
+        self,
+        connection: Connection,
+        task_id: str,
+        round_no: int,
+        rows: list[dict[str, Any]],
+        now: dt.datetime,
+    ) -> list[bool]:
+        hot = hot_statements(connection.dialect.name)
+        task = self._task(connection, task_id)
+        device_pks = self._device_pks_of(connection, task.fleet_pk, [row["device_id"] for row in rows], now)
+        round_row = connection.execute(
+            hot.round_state, {"task_pk": task.pk, "round_no": round_no}
+        ).one_or_none()
+        if round_row is None:
+            raise StorageError(f"task {task_id!r} has no round {round_no}; open_round() it first")
+        # Already stored, by (round, device) or (task, device, base round): redeliveries change nothing.
+        keys = [(pk, row["base_round"]) for pk, row in zip(device_pks, rows, strict=True)]
+        stored = set(
+            connection.scalars(
+                select(Update.device_pk).where(
+                    Update.task_pk == task.pk,
+                    (Update.round_pk == round_row.id) & Update.device_pk.in_(device_pks)
+                    | tuple_(Update.device_pk, Update.base_round).in_(keys),
+                )
+            )
+        )
+        if round_row.state != "open":
+            if any(pk not in stored for pk in device_pks):
+                raise RoundClosedError(f"round {round_no} of task {task_id!r} is closed; update refused")
+            return [False] * len(rows)
+        # A device named twice in one batch: the first one counts.
+        first = {pk: index for index, pk in reversed(list(enumerate(device_pks)))}
+        fresh = [i for i, pk in enumerate(device_pks) if pk not in stored and first[pk] == i]
+        if not fresh:
+            return [False] * len(rows)
+        blobs = {rows[i]["payload_sha256"]: rows[i]["payload"] for i in fresh}
+        connection.execute(
+            hot.put_blob,
+            [{"sha256": d, "size_bytes": len(b), "data": b, "created_at": now} for d, b in blobs.items()],
+        )
+        inserts = []
+        for i in fresh:
+            values = {k: v for k, v in rows[i].items() if k not in ("device_id", "masks", "payload")}
+            values.update(task_pk=task.pk, round_pk=round_row.id, device_pk=device_pks[i], received_at=now)
+            inserts.append(values)
+        # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING. The unique
+        # keys decide between concurrent writers: a row another writer stored meanwhile is not returned
+        # (its blob stays, unreferenced, until `prune`).
+        new = set(connection.scalars(hot.insert_updates, inserts))
+        created = [pk in new and first[pk] == index for index, pk in enumerate(device_pks)]
+        if new:
+            connection.execute(hot.touch_device, [{"device_pk": pk, "now": now} for pk in new])
+        bases = {device_pks[i]: row["masks"] for i, row in enumerate(rows) if created[i] and row["masks"]}
+        if bases:
+            mask_bases.replace_masks(connection, task.pk, bases, now)
+        return created
 
     def record_rejection(
         self,
@@ -333,30 +383,8 @@ class Store:
     ) -> None:
         """Record a refused message. Task, round and device are whatever the message claimed, if anything;
         they need not exist (an unknown device is itself a reason to refuse)."""
-        validation.name(fleet, "fleet")
-        validation.name(reason, "reason", 64)
-        if not isinstance(detail, str):
-            raise TypeError(f"detail: expected a string, got {type(detail).__name__}")
-        # What a refused message claimed may itself be garbage; keep what fits, never fail on it.
-        if not _fits(round_no, 0, INT32_MAX):
-            round_no = None
-        if not _fits(payload_size, 0, INT64_MAX):
-            payload_size = None
-        now = utcnow()
-        with write_transaction(self._engine) as connection:
-            connection.execute(
-                insert_for(connection, Rejection).values(
-                    fleet_pk=self._fleet_pk(connection, fleet, now),
-                    reason=reason,
-                    detail=detail[:MAX_REJECTION_DETAIL],
-                    task_id=None if task_id is None else str(task_id)[:128],
-                    round_no=round_no,
-                    device_id=None if device_id is None else str(device_id)[:128],
-                    topic=None if topic is None else str(topic)[:512],
-                    payload_size=payload_size,
-                    received_at=now,
-                )
-            )
+        rejection = NewRejection(fleet, reason, detail, task_id, round_no, device_id, topic, payload_size)
+        self.record_batch(None, None, rejections=[rejection])
 
     def find_update(self, task_id: str, device_id: str, base_round: int) -> tuple[int, str] | None:
         """Where the update of ``device_id`` trained from ``base_round`` is stored, in any round of the
@@ -683,6 +711,20 @@ class Store:
         ref = self._tasks[task_id] = _TaskRef(row.id, row.fleet_pk)
         return ref
 
+    def _device_pks_of(
+        self, connection: Connection, fleet_pk: int, device_ids: list[str], now: dt.datetime
+    ) -> list[int]:
+        """``_device_pk`` of many devices: one query for those not cached (a fleet's first round)."""
+        missing = sorted({d for d in device_ids if (fleet_pk, d) not in self._device_pks})
+        if missing:
+            for device_id, pk in connection.execute(
+                select(Device.device_id, Device.id).where(
+                    Device.fleet_pk == fleet_pk, Device.device_id.in_(missing)
+                )
+            ):
+                self._device_pks[(fleet_pk, device_id)] = pk
+        return [self._device_pk(connection, fleet_pk, d, now) for d in device_ids]
+
     def _device_pk(self, connection: Connection, fleet_pk: int, device_id: str, now: dt.datetime) -> int:
         key = (fleet_pk, device_id)
         if (pk := self._device_pks.get(key)) is not None:
@@ -710,3 +752,39 @@ def _earlier(stored: Any, given: Any) -> Any:
 
 def _later(stored: Any, given: Any) -> Any:
     return case((given > stored, given), else_=stored)
+
+
+def _update_values(update: NewUpdate) -> dict[str, Any]:
+    """An update's columns, checked (bad values raise before anything is written)."""
+    payload = validation.as_bytes(update.payload, "payload")
+    return {
+        "device_id": validation.name(update.device_id, "device_id"),
+        "base_round": validation.integer(update.base_round, "base_round", minimum=0, maximum=INT32_MAX),
+        "staleness": validation.integer(update.staleness, "staleness", minimum=0, maximum=INT32_MAX),
+        "weight": validation.finite(update.weight, "weight", minimum=0.0),
+        "num_samples": validation.integer(update.num_samples, "num_samples", minimum=0, maximum=INT32_MAX),
+        "metrics": validation.json_document(update.metrics, "metrics"),
+        "payload": payload,
+        "payload_sha256": sha256_hex(payload),
+        "payload_bytes": len(payload),
+        "masks": update.masks,
+    }
+
+
+def _rejection_values(rejection: NewRejection) -> dict[str, Any]:
+    """A rejection's columns. What a refused message claimed may itself be garbage: keep what fits."""
+    validation.name(rejection.fleet, "fleet")
+    validation.name(rejection.reason, "reason", 64)
+    if not isinstance(rejection.detail, str):
+        raise TypeError(f"detail: expected a string, got {type(rejection.detail).__name__}")
+    task_id, device_id, topic = rejection.task_id, rejection.device_id, rejection.topic
+    return {
+        "fleet": rejection.fleet,
+        "reason": rejection.reason,
+        "detail": rejection.detail[:MAX_REJECTION_DETAIL],
+        "task_id": None if task_id is None else str(task_id)[:128],
+        "round_no": rejection.round_no if _fits(rejection.round_no, 0, INT32_MAX) else None,
+        "device_id": None if device_id is None else str(device_id)[:128],
+        "topic": None if topic is None else str(topic)[:512],
+        "payload_size": rejection.payload_size if _fits(rejection.payload_size, 0, INT64_MAX) else None,
+    }

@@ -81,11 +81,17 @@ class FedMaskServer(ServerHalf):
         return {"mask": (self.num_bits,)}
 
     def aggregate(self, updates: list[ClientUpdate], round_no: int) -> Body:
-        counts = np.zeros(self.num_bits, dtype=np.float64)
-        total = 0.0
+        # Keep-counts per distinct staleness weight (integer adds of the bits, no float copy of each
+        # mask), then one weighted sum: linear in devices with a small constant.
+        by_weight: dict[float, np.ndarray] = {}
         for update in updates:
-            counts += update.weight * update.body["mask"].astype(np.float64)
-            total += update.weight
+            if update.weight not in by_weight:
+                by_weight[update.weight] = np.zeros(self.num_bits, dtype=np.int32)
+            by_weight[update.weight] += update.body["mask"]
+        counts = np.zeros(self.num_bits, dtype=np.float64)
+        for weight, kept in by_weight.items():
+            counts += weight * kept
+        total = sum(update.weight for update in updates)
         share = counts / total if total > 0 else counts
         return self.rule.server_body(share)
 
