@@ -1,16 +1,21 @@
 """Where the devices of a simulated round run: in this process, in worker processes, or on Ray actors.
 
 An executor runs one kind of device call (``fit``, ``evaluate``, ``finalize``) for a list of devices
-and returns each device's result; the caller (``simulator.inproc``) then encodes, counts and aggregates
-exactly as in a sequential run, in the same device order. Results are bit-identical to the sequential
-run because a device's computation depends only on the task, its data, its own state and the body it
-receives (its RNGs are seeded from (seed, device, round)), never on which process runs it or when.
+(``submit``) and hands back each device's result as soon as it is ready, so the caller
+(``simulator.inproc``) encodes and decodes one update while the workers still train the others; it
+then counts and aggregates exactly as in a sequential run, in the same device order. Results are
+bit-identical to the sequential run because a device's computation depends only on the task, its
+data, its own state and the body it receives (its RNGs are seeded from (seed, device, round)),
+never on which process runs it or when.
 
 Each worker hosts a set of devices (``DeviceHost``): their client halves, created on first use and kept
 between rounds, so a device's state (scores, weights, bases) stays where it trained. The parent plans
 each call (``plan``): a device stays on the worker that holds it while the load allows, the rest go to
 the least-loaded worker (largest first); a device that moves travels as its pickled client half, data
-aside. Torch runs one thread per worker. A failure names the device, round and call; Ctrl-C or any
+aside; the biggest devices start first (longest processing time first). Each worker has
+``IN_FLIGHT`` requests queued so it never waits for the parent between devices; a sender thread per
+worker keeps a large request from blocking against a large result on the same pipe. Torch runs one
+thread per worker. A failure names the device, round and call; Ctrl-C or any
 error stops every worker before the run ends.
 """
 
@@ -20,11 +25,13 @@ import dataclasses
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
@@ -38,6 +45,7 @@ from fedmask.strategies import TaskSpec, get_strategy
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a wait for workers checks that they are all alive
+IN_FLIGHT = 2  # requests queued per worker: the next device is there when one finishes
 STICKY_SLACK = 1.1  # a device stays on its worker while that worker's load is within 10% of the mean
 
 
@@ -119,16 +127,22 @@ class SequentialExecutor:
         self.device_s = 0.0  # seconds the devices of the last ``run`` computed, summed over devices
 
     def run(self, kind: str, devices: Sequence[str], round_no: int, body: Any) -> dict[str, Any]:
-        results = {}
-        started = time.perf_counter()
+        return dict(self.submit(kind, devices, round_no, body))
+
+    def submit(
+        self, kind: str, devices: Sequence[str], round_no: int, body: Any
+    ) -> Iterator[tuple[str, Any]]:
+        """Each device's result, computed when the caller asks for it (in ``devices`` order)."""
+        self.device_s = 0.0
         for device in devices:
             call = Call(kind, device, round_no, (kind, round_no))
+            started = time.perf_counter()
             try:
-                results[device] = self.host.run(call, body)
+                result = self.host.run(call, body)
             except Exception as exc:
                 raise RunError(failure(call, f"{type(exc).__name__}: {exc}")) from exc
-        self.device_s = time.perf_counter() - started
-        return results
+            self.device_s += time.perf_counter() - started
+            yield device, result
 
     def close(self) -> None:
         pass
@@ -156,10 +170,11 @@ def plan(devices: Sequence[str], cost: Callable[[str], float], holder: dict[str,
 
 
 class WorkerPool:
-    """Common scheduling over N workers that each take one request at a time, in order.
+    """Common scheduling over N workers that each serve their requests one at a time, in order.
 
-    Subclasses say how a request is sent (``_send``), how finished ones are collected (``_collect``:
-    ``[(worker, ok, value)]``, waiting at most ``POLL_S``) and how workers are stopped (``close``).
+    Subclasses say how a request is sent (``_send``, never blocking), how answers are collected
+    (``_collect``: ``[(worker, ok, value)]``, each worker's in request order, waiting at most ``POLL_S``)
+    and how workers are stopped (``close``).
     """
 
     def __init__(self, spec: TaskSpec, devices: Sequence[DeviceData], workers: int) -> None:
@@ -177,6 +192,17 @@ class WorkerPool:
         return lambda d: len(self.by_id[d].y_train) + 1
 
     def run(self, kind: str, devices: Sequence[str], round_no: int, body: Any) -> dict[str, Any]:
+        return dict(self.submit(kind, devices, round_no, body))
+
+    def submit(
+        self, kind: str, devices: Sequence[str], round_no: int, body: Any
+    ) -> Iterator[tuple[str, Any]]:
+        """Send the calls now; iterate for ``(device, result)`` in the order the devices finish."""
+        batch = self._batch(kind, devices, round_no, body)
+        next(batch)  # the first requests are on their way: the caller works while the workers compute
+        return batch
+
+    def _batch(self, kind: str, devices: Sequence[str], round_no: int, body: Any):
         assigned = plan(devices, self.cost(kind), self.holder, self.workers)
         moving = {d: self.holder[d] for w, ds in assigned.items() for d in ds if self.holder.get(d, w) != w}
         queues: dict[int, deque] = {w: deque() for w in range(self.workers)}
@@ -186,36 +212,43 @@ class WorkerPool:
             queues[w].extend(("run", d) for d in ds if d not in moving)
             queues[w].extend(("run", d) for d in ds if d in moving)
         states: dict[str, bytes] = {}
-        results: dict[str, Any] = {}
-        busy: dict[int, tuple[str, Call]] = {}
+        sent: dict[int, deque[tuple[str, Call]]] = {w: deque() for w in range(self.workers)}  # in order
         key = (kind, round_no)
         self.device_s = 0.0
-        while len(results) < len(devices):
-            for w, queue in queues.items():
-                if w in busy or not queue:
-                    continue
-                method, device = queue[0]
-                call = Call(kind, device, round_no, key)
-                if method == "export":
-                    self._send(w, "export", (device,))
-                elif device in moving and device not in states:
-                    continue  # its state is still on the way
-                else:
-                    self._send(w, "run", self._run_args(w, call, body, states.pop(device, None)))
-                    self.holder[device] = w
-                queue.popleft()
-                busy[w] = (method, call)
+
+        def send_more() -> None:
+            for w, todo in queues.items():
+                while todo and len(sent[w]) < IN_FLIGHT:
+                    method, device = todo[0]
+                    call = Call(kind, device, round_no, key)
+                    if method == "export":
+                        self._send(w, "export", (device,))
+                    elif device in moving and device not in states:
+                        break  # its state is still on the way
+                    else:
+                        self._send(w, "run", self._run_args(w, call, body, states.pop(device, None)))
+                        self.holder[device] = w
+                    todo.popleft()
+                    sent[w].append((method, call))
+
+        send_more()
+        yield None
+        remaining = len(devices)
+        while remaining:
+            finished = []
             for w, ok, value in self._collect():
-                method, call = busy.pop(w)
+                method, call = sent[w].popleft()  # a worker answers its requests in order
                 if not ok:
                     raise RunError(failure(call, value, "handing over" if method == "export" else None))
                 value, seconds = value
                 if method == "export":
                     states[call.device] = value
                 else:
-                    results[call.device] = value
+                    finished.append((call.device, value))
                     self.device_s += seconds
-        return results
+            send_more()  # before handing results over: the workers stay busy meanwhile
+            remaining -= len(finished)
+            yield from finished
 
     def _run_args(self, w: int, call: Call, body: Any, state: bytes | None) -> tuple:
         data = None
@@ -274,25 +307,42 @@ class ProcessPool(WorkerPool):
         except BaseException:
             self.close()
             raise
-        self.pending: set[int] = set()
+        self.pending = [0] * workers  # requests sent and not answered, per worker
+        # One sender thread per worker: this thread only receives, so a worker blocked sending a
+        # large result while we send it a large request cannot deadlock the pipe.
+        self.outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self.senders = [
+            threading.Thread(target=self._sender, args=(w,), name=f"fedmask-send-{w}", daemon=True)
+            for w in range(workers)
+        ]
+        for sender in self.senders:
+            sender.start()
+
+    def _sender(self, w: int) -> None:
+        while (message := self.outboxes[w].get()) is not None:
+            try:
+                self.conns[w].send(message)
+            except (OSError, ValueError):  # the worker died or the pool closed: _collect reports it
+                return
 
     def _send(self, w: int, method: str, args: tuple) -> None:
-        self.conns[w].send((method, args))
-        self.pending.add(w)
+        self.outboxes[w].put((method, args))
+        self.pending[w] += 1
 
     def _collect(self) -> list[tuple[int, bool, Any]]:
-        ready = wait([self.conns[w] for w in self.pending], timeout=POLL_S)
+        waiting = [w for w in range(self.workers) if self.pending[w]]
+        ready = wait([self.conns[w] for w in waiting], timeout=POLL_S)
         done = []
-        for w in sorted(self.pending):
+        for w in waiting:
             if self.conns[w] in ready:
                 try:
                     ok, value = self.conns[w].recv()
                 except (EOFError, OSError):
                     ok, value = False, self._death(w)
                 done.append((w, ok, value))
+                self.pending[w] -= 1
             elif not self.processes[w].is_alive():
                 done.append((w, False, self._death(w)))
-        self.pending -= {w for w, _, _ in done}
         return done
 
     def _death(self, w: int) -> str:
@@ -300,6 +350,10 @@ class ProcessPool(WorkerPool):
         return f"worker {w} (pid {self.processes[w].pid}) died with exit code {self.processes[w].exitcode}"
 
     def close(self) -> None:
+        for outbox in getattr(self, "outboxes", []):
+            outbox.put(None)  # senders stop after what they are sending
+        for sender in getattr(self, "senders", []):
+            sender.join(timeout=0.5)  # one blocked on a busy worker ends with the worker, below
         for conn in self.conns:
             conn.close()  # an idle worker sees EOF and returns
         for process in self.processes:
@@ -330,16 +384,18 @@ class RayPool(WorkerPool):
         self.ray = ray
         actor = ray.remote(num_cpus=1)(RayHost)
         self.actors = [actor.remote(spec) for _ in range(workers)]
-        self.refs: dict[Any, int] = {}
+        self.refs: list[deque] = [deque() for _ in range(workers)]  # per actor, in request order
 
     def _send(self, w: int, method: str, args: tuple) -> None:
-        self.refs[self.actors[w].handle.remote(method, args)] = w
+        self.refs[w].append(self.actors[w].handle.remote(method, args))
 
     def _collect(self) -> list[tuple[int, bool, Any]]:
-        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=POLL_S)
+        heads = {refs[0]: w for w, refs in enumerate(self.refs) if refs}
+        ready, _ = self.ray.wait(list(heads), num_returns=1, timeout=POLL_S)
         done = []
         for ref in ready:
-            w = self.refs.pop(ref)
+            w = heads[ref]
+            self.refs[w].popleft()
             try:
                 ok, value = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:  # the actor died (node lost, OOM, killed)

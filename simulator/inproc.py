@@ -112,6 +112,30 @@ class InProcessRun:
         books.received(round_no, decoded.body)
         return wire_size(payload, self.config.max_payload), entropy_bits(decoded.body)
 
+    def _uplink(self, device_id: str, round_no: int, fit) -> tuple[int, messages.Update]:
+        """One device's update as it would travel: (wire bytes, what the server decodes).
+
+        Each device codes against its own books and the server's books of that device, so updates can
+        be coded in any order.
+        """
+        books = self.device_bases[device_id]
+        payload = messages.encode(
+            messages.Update(
+                fleet=self.config.fleet,
+                task_id=self.task_id,
+                device=device_id,
+                round=round_no,
+                base_round=round_no,
+                num_samples=fit.num_samples,
+                metrics=fit.metrics,
+                body=books.uplink(fit.body, round_no),
+            )
+        )
+        received = messages.decode(payload, messages.Update, bases=self.server_bases.uplink_bases(device_id))
+        self.server_bases.accept(device_id, round_no, received.body)
+        books.confirm(round_no)  # the receipt
+        return wire_size(payload, self.config.max_payload), received
+
     def _announce(self, round_no: int, body: Body | None) -> tuple[bytes, dict | None]:
         announcement = messages.RoundAnnouncement(
             fleet=self.config.fleet, task_id=self.task_id, round=round_no, deadline=0.0, body=body
@@ -148,6 +172,11 @@ class InProcessRun:
             updates, uplink, losses, densities = [], 0, [], []
             downlink, down_entropy, down_params, shared = 0, 0.0, 0, {}
             t = time.perf_counter()
+            # The devices train (on workers, if any) while this process codes the downlinks and then
+            # each update as it arrives; the server sees them in participant order all the same.
+            fits = executor.submit("fit", participants, round_no, global_body)
+            timings["train"] += time.perf_counter() - t
+            t = time.perf_counter()
             for device_id in participants:
                 size, entropy = self._downlink(device_id, round_no, body, shared)
                 downlink += size
@@ -155,38 +184,23 @@ class InProcessRun:
                 down_params += mask_params(body)
             self.server_bases.announce(round_no, body)
             timings["encode"] += time.perf_counter() - t
-            up_entropy, up_params = 0.0, 0
+            arrived: dict[str, tuple] = {}
             t = time.perf_counter()
-            fits = executor.run("fit", participants, round_no, global_body)
-            timings["train"] += time.perf_counter() - t  # wall time: devices may train in parallel
-            timings["train_device_s"] = executor.device_s  # summed over devices: the training work
-            for device_id in participants:  # in participant order, whichever worker finished first
-                fit = fits[device_id]
+            for device_id, fit in fits:  # in the order the devices finish
+                timings["train"] += time.perf_counter() - t  # waiting for devices: parallel training
                 t = time.perf_counter()
-                books = self.device_bases[device_id]
-                payload = messages.encode(
-                    messages.Update(
-                        fleet=cfg.fleet,
-                        task_id=self.task_id,
-                        device=device_id,
-                        round=round_no,
-                        base_round=round_no,
-                        num_samples=fit.num_samples,
-                        metrics=fit.metrics,
-                        body=books.uplink(fit.body, round_no),
-                    )
-                )
-                uplink += wire_size(payload, cfg.max_payload)
-                received = messages.decode(
-                    payload, messages.Update, bases=self.server_bases.uplink_bases(device_id)
-                )
-                self.server_bases.accept(device_id, round_no, received.body)
+                arrived[device_id] = (fit, self._uplink(device_id, round_no, fit))
+                timings["encode"] += time.perf_counter() - t
+                t = time.perf_counter()
+            timings["train_device_s"] = executor.device_s  # summed over devices: the training work
+            up_entropy, up_params = 0.0, 0
+            for device_id in participants:  # in participant order, whichever device finished first
+                fit, (size, received) = arrived[device_id]
+                uplink += size
                 if self.on_update is not None:
                     self.on_update(device_id, round_no, received.body)
-                books.confirm(round_no)  # the receipt
                 up_entropy += entropy_bits(received.body)
                 up_params += mask_params(received.body)
-                timings["encode"] += time.perf_counter() - t
                 updates.append(
                     ClientUpdate(
                         device_id=received.device,
