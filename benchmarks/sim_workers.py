@@ -7,8 +7,11 @@ settings for every executor, in one run: sequential (one torch thread, as `fedma
 largest N on a local Ray instance (a cluster of one node, started here). Round time is the wall time of
 a round (announce, train, encode, aggregate and, where scheduled, evaluation of every device); the
 median over the steady rounds (round 1, which starts the workers, is left out) is compared with the
-sequential median measured in the same run. Every executor's per-round accuracies, bytes and final
-masks must equal the sequential run's (the ``identical`` column).
+sequential median measured in the same run, next to how busy the machine was: the 1-minute load
+average before and after each run and ``other cores``, the CPU other processes used during the run
+(machine busy time less this process and its workers, per second of wall time; Ray's actors count as
+other). Ratios measured while other jobs ran mean little. Every executor's per-round accuracies, bytes
+and final masks must equal the sequential run's (the ``identical`` column).
 
     python benchmarks/sim_workers.py                       # 1 and 2 workers + Ray, ~10 min on 2 cores
     python benchmarks/sim_workers.py --workers-list 1,2,4,8,16,32 --rounds 8   # a bigger machine
@@ -42,6 +45,18 @@ from fedmask.simulator.inproc import InProcessRun
 from fedmask.simulator.run import task_spec
 
 BENCH_WORKLOADS = ("hmp", "fashion_mnist")
+
+
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (Linux /proc/stat; all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_s() -> float:
+    """CPU seconds of this process and its finished (joined) worker processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def workload_config(name: str, rounds: int, output_dir: Path, data_root: Path | None) -> SimulationConfig:
@@ -112,13 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         for backend, workers in modes:
             label = "sequential" if (backend, workers) == ("local", 1) else f"{backend} x{workers}"
             config = dataclasses.replace(base, workers=workers, backend=backend, ray_address=args.ray_address)
-            t0 = time.perf_counter()
+            t0, load, busy, own = time.perf_counter(), os.getloadavg()[0], busy_s(), own_s()
             runs[label] = run_once(config, data)
+            wall = time.perf_counter() - t0
+            runs[label]["load"] = (load, os.getloadavg()[0])  # 1-min load average before, after
+            runs[label]["other_cores"] = max(0.0, (busy_s() - busy) - (own_s() - own)) / wall
             logging.warning("%s %s: %.0fs", name, label, time.perf_counter() - t0)
         reference = runs["sequential"]
         results[name] = {}
         for label, run in runs.items():
-            entry = {k: run[k] for k in ("round_s", "steady_round_s", "finalize_s", "total_s")}
+            entry = {
+                k: run[k]
+                for k in ("round_s", "steady_round_s", "finalize_s", "total_s", "load", "other_cores")
+            }
+            entry["load_text"] = "{:.1f} / {:.1f}".format(*run["load"])
             entry["speedup"] = reference["steady_round_s"] / run["steady_round_s"]
             entry["finalize_speedup"] = reference["finalize_s"] / run["finalize_s"]
             entry["identical"] = same(reference, run)
@@ -150,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             ("finalize_speedup", "finalize x", "{:.2f}"),
             ("total_s", "total s", "{:.1f}"),
             ("identical", "identical", "{}"),
+            ("load_text", "load before / after", "{}"),
+            ("other_cores", "other cores", "{:.2f}"),
         ],
     )
     print(
