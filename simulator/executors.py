@@ -203,7 +203,9 @@ class WorkerPool:
         return batch
 
     def _batch(self, kind: str, devices: Sequence[str], round_no: int, body: Any):
-        assigned = plan(devices, self.cost(kind), self.holder, self.workers)
+        cost = self.cost(kind)
+        assigned = plan(devices, cost, self.holder, self.workers)
+        assigned = {w: sorted(ds, key=lambda d: -cost(d)) for w, ds in assigned.items()}  # largest first
         moving = {d: self.holder[d] for w, ds in assigned.items() for d in ds if self.holder.get(d, w) != w}
         queues: dict[int, deque] = {w: deque() for w in range(self.workers)}
         for device, source in moving.items():
