@@ -116,6 +116,7 @@ class AggregatorService:
         self._batch_opened = 0.0
         self._batch_due = threading.Condition(self._lock)
         self._committing = False  # the flusher is writing a batch, without the lock
+        self._receipts: dict[tuple[str, int, str], bytes] = {}  # encoded receipts (see ``_receipt``)
         self.batch_sizes: list[int] = []  # messages per committed batch
         self._stop = threading.Event()
         self.finished = threading.Event()
@@ -250,18 +251,25 @@ class AggregatorService:
     def _receipt(self, decision, *, round_no: int, detail: str) -> bytes:
         task_id = self.manager.task.task_id
         if decision.accepted:
-            directive = messages.Directive(
-                fleet=self.fleet, kind="receipt", task_id=task_id, round=round_no, detail=detail
-            )
-        else:
-            directive = messages.Directive(
-                fleet=self.fleet,
-                kind="rejected",
-                task_id=task_id,
-                round=round_no,
-                detail=detail,
-                reason=decision.reason,
-            )
+            # Receipts name no device: one encoding serves every device of a round.
+            key = (task_id, round_no, detail)
+            if key not in self._receipts:
+                if len(self._receipts) >= 64:
+                    self._receipts.clear()
+                self._receipts[key] = messages.encode(
+                    messages.Directive(
+                        fleet=self.fleet, kind="receipt", task_id=task_id, round=round_no, detail=detail
+                    )
+                )
+            return self._receipts[key]
+        directive = messages.Directive(
+            fleet=self.fleet,
+            kind="rejected",
+            task_id=task_id,
+            round=round_no,
+            detail=detail,
+            reason=decision.reason,
+        )
         return messages.encode(directive)
 
     def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
