@@ -13,9 +13,10 @@ crash before the commit leaves every message of the batch unacked, so the broker
 Pipelined: the flusher thread writes a batch without holding the lock, while the next batch is judged
 (against both: a twin or a replay of a committing update is recognised); it retakes the lock to count,
 ack and answer. Anything else that writes waits for that commit first. So under load a batch grows to
-whatever arrived during the previous commit. If a commit fails, the batch judged meanwhile is dropped
-too (acked, never answered; the devices send it again). ``batch_max=1`` turns batching off: each message
-is committed, acked and answered in its handler (the baseline of ``benchmarks/ingest.py``).
+what arrived during the previous commit, up to ``batch_max`` (then judging waits for the flusher).
+If a commit fails, the batch judged meanwhile is dropped too (acked, never answered; the devices send
+it again). ``batch_max=1`` turns batching off: each message is committed, acked and answered in its
+handler (the baseline of ``benchmarks/ingest.py``).
 Frames of a chunked message are acknowledged as they arrive, except the one that completes it: the
 broker sends a client at most ``max_inflight_messages`` unacknowledged messages, so holding every frame
 would stall delivery. A frame lost in a crash is covered end to end: the device republishes its message
@@ -338,7 +339,11 @@ class AggregatorService:
             if self.manager.must_commit() or (self.batch_max == 1 and self._waiting):
                 self._flush()
             elif len(self._waiting) >= self.batch_max:
-                self._batch_due.notify_all()  # the flusher commits it (once the previous commit is done)
+                # A full batch: the flusher takes it once the previous commit is done; judging waits
+                # until then, so a batch never holds more than ``batch_max`` messages.
+                self._batch_due.notify_all()
+                while len(self._waiting) >= self.batch_max and not self._stop.is_set():
+                    self._batch_due.wait(1.0)
 
     def _wait_for_commit(self, waiting: _Waiting) -> None:
         if not self._waiting:
