@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 
 from fedmask.protocol.mask_bases import ServerBases, plain
-from fedmask.protocol.mask_coding import CONTEXT, Base, MaskRef, mask_digest
+from fedmask.protocol.mask_coding import CONTEXT, Base, MaskRef, mask_digest, packed_mask_digest
 from fedmask.protocol.tensor_codec import Coded, decode_coded_body
 from fedmask.storage import mask_bases as stored_masks
 
@@ -84,10 +84,11 @@ class StoredBases(ServerBases):
         masks = _masks(body)
         if not masks:
             return None
-        return round_no, {
-            k: (int(m.size), mask_digest(m).hex(), np.packbits(m, bitorder="little").tobytes())
-            for k, m in masks.items()
-        }
+        rows = {}
+        for name, mask in masks.items():  # packed once: the digest is of the packed bits
+            packed = np.packbits(mask.reshape(-1), bitorder="little").tobytes()
+            rows[name] = (int(mask.size), packed_mask_digest(mask.size, packed).hex(), packed)
+        return round_no, rows
 
     def accept(self, device: str, round_no: int, body: Mapping[str, Coded], *, stored: bool = False) -> None:
         """An update of ``device`` was accepted: its masks are the device's bases from now on.

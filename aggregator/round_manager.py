@@ -14,6 +14,11 @@ writes the batch in one transaction, and only then are its decisions final and m
 answer the messages. Anything else that writes (presence, results, ticks, opening and closing rounds)
 needs an empty batch: the caller commits first (``must_commit`` says when a batch must close early, at
 the quorum).
+
+Pipelined commit: ``commit`` is ``take`` (the pending batch becomes the one committing), ``write`` (the
+store transaction, which touches no state of the manager, so the caller may run it without its lock) and
+``settle`` (count what was stored). While a batch is committing the next one is judged: duplicates and
+replays are checked against both.
 """
 
 from __future__ import annotations
@@ -152,6 +157,8 @@ class RoundManager:
         self.max_extensions = int(task.hyper.get("max_round_extensions", 10))
         self.timings: dict[int, RoundTiming] = {}  # rounds this process opened or resumed
         self.pending = PendingBatch()
+        self.committing: PendingBatch | None = None  # taken, being written (see ``take``)
+        self._close_due = False  # the quorum was reached while the next batch was pending
         # Participants of closed rounds (they never change), for the replay check of stale updates.
         self._closed_participants: dict[int, frozenset[str]] = {}
         # How an announced body travels: (round, body) -> body to encode (the service codes masks
@@ -202,7 +209,7 @@ class RoundManager:
         return [*out, self._announcement()]
 
     def _require_committed(self) -> None:
-        if self.pending:
+        if self.pending or self.committing is not None:
             raise RuntimeError("the round manager has an uncommitted batch: commit() it first")
 
     def _open(self, number: int) -> list[Outbound]:
@@ -461,7 +468,11 @@ class RoundManager:
         ``commit`` has run (which may correct it, see there). ``masks``: mask bases stored with it."""
         digest = hashlib.sha256(payload).hexdigest()
         own = update.device == device and update.task_id == self.task.task_id
-        twin = self.pending.updates.get(device) if own else None
+        twin = None
+        if own:
+            twin = self.pending.updates.get(device)
+            if twin is None and self.committing is not None:
+                twin = self.committing.updates.get(device)
         if twin is not None and twin.row.base_round == update.base_round and twin.digest == digest:
             return Decision(True, None, "duplicate delivery"), []  # one row, both answered
         if self.finalizing and update.task_id == self.task.task_id:
@@ -498,25 +509,52 @@ class RoundManager:
 
     def must_commit(self) -> bool:
         """Whether the pending updates reach the quorum: commit now, the round closes."""
+        if self._close_due:
+            return True
+        committing = len(self.committing.updates) if self.committing is not None else 0
         return (
             self.current is not None
             and bool(self.pending.updates)
-            and len(self.current.contributors) + len(self.pending.updates) >= self.needed()
+            and len(self.current.contributors) + committing + len(self.pending.updates) >= self.needed()
         )
 
     def commit(self) -> tuple[dict[str, Decision], list[Outbound]]:
         """Write the pending batch in one transaction; then count its updates and close the round at
         the quorum. Returns the decisions that changed (by device: an update another worker stored
         meanwhile, rare) and what to publish. On an error nothing of the batch is stored or counted."""
+        batch = self.take()
+        try:
+            created = self.write(batch)
+        except BaseException:
+            self.committing = None
+            raise
+        return self.settle(batch, created)
+
+    def take(self) -> PendingBatch:
+        """The pending batch becomes the committing one (at most one at a time); a new one opens."""
+        if self.committing is not None:
+            raise RuntimeError("a batch is already committing: settle() it first")
+        self.committing, self.pending = self.pending, PendingBatch()
+        return self.committing
+
+    def write(self, batch: PendingBatch) -> list[bool]:
+        """The batch's one transaction. Reads and writes only the store: safe without the caller's lock."""
+        items = list(batch.updates.values())
+        if not items and not batch.rejections:
+            return []
+        return self.store.record_batch(
+            self.task.task_id, batch.round_no, [item.row for item in items], batch.rejections
+        )
+
+    def settle(self, batch: PendingBatch, created: list[bool]) -> tuple[dict[str, Decision], list[Outbound]]:
+        """Count the written batch (``write``'s result); see ``commit``."""
+        self.committing = None
         corrections: dict[str, Decision] = {}
         counted = False
-        while self.pending:  # a correction may itself record a rejection
-            batch, self.pending = self.pending, PendingBatch()
-            items = list(batch.updates.items())
-            created = self.store.record_batch(
-                self.task.task_id, batch.round_no, [item.row for _, item in items], batch.rejections
-            )
-            for (device, item), stored in zip(items, created, strict=True):
+        # A correction may itself record a rejection: written before its answer, apart from the next batch.
+        following, self.pending = self.pending, PendingBatch()
+        try:
+            for (device, item), stored in zip(batch.updates.items(), created, strict=True):
                 if stored:
                     assert self.current is not None and self.current.number == batch.round_no
                     self.current.contributors[device] = item.row.staleness
@@ -524,9 +562,26 @@ class RoundManager:
                     counted = True
                 else:  # stored meanwhile (another worker, or an earlier round): judge it like any stored
                     corrections[device] = self._stored_meanwhile(device, item, batch.round_no)
-        if counted and self.current is not None and len(self.current.contributors) >= self.needed():
+            if self.pending.rejections:
+                self.store.record_batch(None, None, (), self.pending.rejections)
+        finally:
+            self.pending = following
+        due = counted or self._close_due
+        if due and self.current is not None and len(self.current.contributors) >= self.needed():
+            if self.pending:  # judged meanwhile: the caller commits it (``must_commit``), then we close
+                self._close_due = True
+                return corrections, []
+            self._close_due = False
             return corrections, self._close("quorum")
+        self._close_due = False
         return corrections, []
+
+    def abandon(self) -> None:
+        """The committing batch failed: forget it and the batch judged meanwhile (it may count on the
+        failed one, a twin or a replay). Nothing of either is answered: the devices send them again."""
+        self.committing = None
+        self.pending = PendingBatch()
+        self._close_due = False
 
     def _stored_meanwhile(self, device: str, item: PendingUpdate, round_no: int | None) -> Decision:
         base_round, size = item.row.base_round, len(item.row.payload)
@@ -594,7 +649,8 @@ class RoundManager:
         weight = staleness_weight(
             self.current.number, update.base_round, bound=self.schedule.staleness_bound, alpha=self.alpha
         )
-        if device in self.current.contributors or device in self.pending.updates:
+        committing = self.committing.updates if self.committing is not None else {}
+        if device in self.current.contributors or device in self.pending.updates or device in committing:
             raise refuse(
                 Rejection.REPLAYED_UPDATE, f"{device} already contributed to round {self.current.number}"
             )

@@ -10,6 +10,13 @@ and waits in a batch; a batch is committed to the store in one transaction when 
 the round's quorum. Only then are its messages acknowledged to the broker and answered with a
 ``receipt`` (or ``rejected``) directive: nothing is acked or receipted before it is durable, and a
 crash before the commit leaves every message of the batch unacked, so the broker delivers it again.
+Pipelined: the flusher thread writes a batch without holding the lock, while the next batch is judged
+(against both: a twin or a replay of a committing update is recognised); it retakes the lock to count,
+ack and answer. Anything else that writes waits for that commit first. So under load a batch grows to
+what arrived during the previous commit, up to ``batch_max`` (then judging waits for the flusher).
+If a commit fails, the batch judged meanwhile is dropped too (acked, never answered; the devices send
+it again). ``batch_max=1`` turns batching off: each message is committed, acked and answered in its
+handler (the baseline of ``benchmarks/ingest.py``).
 Frames of a chunked message are acknowledged as they arrive, except the one that completes it: the
 broker sends a client at most ``max_inflight_messages`` unacknowledged messages, so holding every frame
 would stall delivery. A frame lost in a crash is covered end to end: the device republishes its message
@@ -109,6 +116,8 @@ class AggregatorService:
         self._outbound: list[Outbound] = []
         self._batch_opened = 0.0
         self._batch_due = threading.Condition(self._lock)
+        self._committing = False  # the flusher is writing a batch, without the lock
+        self._receipts: dict[tuple[str, int, str], bytes] = {}  # encoded receipts (see ``_receipt``)
         self.batch_sizes: list[int] = []  # messages per committed batch
         self._stop = threading.Event()
         self.finished = threading.Event()
@@ -166,7 +175,7 @@ class AggregatorService:
             self._batch_due.notify_all()
         for thread in (self._ticker, self._flusher):
             if thread.is_alive():
-                thread.join(timeout=5)
+                thread.join(timeout=15)
         self.connection.close()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -243,18 +252,25 @@ class AggregatorService:
     def _receipt(self, decision, *, round_no: int, detail: str) -> bytes:
         task_id = self.manager.task.task_id
         if decision.accepted:
-            directive = messages.Directive(
-                fleet=self.fleet, kind="receipt", task_id=task_id, round=round_no, detail=detail
-            )
-        else:
-            directive = messages.Directive(
-                fleet=self.fleet,
-                kind="rejected",
-                task_id=task_id,
-                round=round_no,
-                detail=detail,
-                reason=decision.reason,
-            )
+            # Receipts name no device: one encoding serves every device of a round.
+            key = (task_id, round_no, detail)
+            if key not in self._receipts:
+                if len(self._receipts) >= 64:
+                    self._receipts.clear()
+                self._receipts[key] = messages.encode(
+                    messages.Directive(
+                        fleet=self.fleet, kind="receipt", task_id=task_id, round=round_no, detail=detail
+                    )
+                )
+            return self._receipts[key]
+        directive = messages.Directive(
+            fleet=self.fleet,
+            kind="rejected",
+            task_id=task_id,
+            round=round_no,
+            detail=detail,
+            reason=decision.reason,
+        )
         return messages.encode(directive)
 
     def _on_expired(self, sender: str, msg_id: str, error: ProtocolError) -> None:
@@ -320,8 +336,14 @@ class AggregatorService:
                 # Never let one message stop the service; it is acked so it cannot wedge the session.
                 logger.exception("failed to handle a message on %s", message.topic)
                 self.connection.ack(message)
-            if self.manager.must_commit() or len(self._waiting) >= self.batch_max:
+            if self.manager.must_commit() or (self.batch_max == 1 and self._waiting):
                 self._flush()
+            elif len(self._waiting) >= self.batch_max:
+                # A full batch: the flusher takes it once the previous commit is done; judging waits
+                # until then, so a batch never holds more than ``batch_max`` messages.
+                self._batch_due.notify_all()
+                while len(self._waiting) >= self.batch_max and not self._stop.is_set():
+                    self._batch_due.wait(1.0)
 
     def _wait_for_commit(self, waiting: _Waiting) -> None:
         if not self._waiting:
@@ -388,24 +410,71 @@ class AggregatorService:
         self._wait_for_commit(waiting)
 
     def _flush_loop(self) -> None:
-        """Commits a batch whose first message has waited ``batch_wait_s`` (nothing waits longer)."""
+        """Commits a batch that is full or whose first message has waited ``batch_wait_s``."""
         with self._lock:
             while not self._stop.is_set():
                 if not self._waiting:
                     self._batch_due.wait(1.0)
                     continue
                 remaining = self._batch_opened + self.batch_wait_s - time.monotonic()
-                if remaining > 0:
+                if remaining > 0 and len(self._waiting) < self.batch_max:
                     self._batch_due.wait(remaining)
                     continue
                 try:
-                    self._flush()
+                    self._commit_pipelined()
                 except Exception:  # keep serving: the next batch is tried anew
                     logger.exception("aggregator batch commit failed")
 
+    def _commit_pipelined(self) -> None:
+        """The flusher's commit (called holding the lock once): the store write runs without the lock,
+        so the next batch is judged meanwhile; counting, acks and answers hold it again."""
+        waiting, self._waiting = self._waiting, []
+        outbound, self._outbound = self._outbound, []
+        if not waiting and not self.manager.pending:
+            if outbound:
+                self._publish(outbound)
+            return
+        kill_point("aggregator.before_commit")
+        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        batch = self.manager.take()
+        self._committing = True
+        try:
+            self._lock.release()
+            try:
+                created = self.manager.write(batch)
+            finally:
+                self._lock.acquire()
+        except Exception:
+            self.manager.abandon()
+            dropped, self._waiting = waiting + self._waiting, []
+            self._failed(dropped, unconfirmed)
+            return
+        finally:
+            self._committing = False
+            self._batch_due.notify_all()
+        try:
+            corrections, after = self.manager.settle(batch, created)
+        except Exception:
+            self._failed(waiting, unconfirmed)
+            return
+        self._answer(waiting, outbound, unconfirmed, corrections, after)
+
+    def _failed(self, waiting: list[_Waiting], unconfirmed: list) -> None:
+        self._unconfirmed = unconfirmed + self._unconfirmed
+        # Acked (so no message can wedge the session) and not answered: each device republishes its
+        # message until it gets a receipt.
+        logger.exception(
+            "storing a batch of %d messages failed; their devices will send them again", len(waiting)
+        )
+        for item in waiting:
+            self.connection.ack(item.message)
+
     def _flush(self) -> None:
-        """Commit the pending batch in one transaction; then ack its messages, answer them, and publish
-        what followed (the next round's announcement when the batch reached the quorum)."""
+        """Commit the pending batch in one transaction (after the flusher's commit, if one is under way);
+        then ack its messages, answer them, and publish what followed (the next round's announcement
+        when the batch reached the quorum)."""
+        while self._committing:
+            self._batch_due.wait(1.0)
         waiting, self._waiting = self._waiting, []
         outbound, self._outbound = self._outbound, []
         if not waiting and not self.manager.pending:
@@ -417,15 +486,14 @@ class AggregatorService:
         try:
             corrections, after = self.manager.commit()
         except Exception:
-            self._unconfirmed = unconfirmed + self._unconfirmed
-            # Nothing of the batch is stored. Acked (so no message can wedge the session) and not
-            # answered: each device republishes its message until it gets a receipt.
-            logger.exception(
-                "storing a batch of %d messages failed; their devices will send them again", len(waiting)
-            )
-            for item in waiting:
-                self.connection.ack(item.message)
+            self._failed(waiting, unconfirmed)
             return
+        self._answer(waiting, outbound, unconfirmed, corrections, after)
+
+    def _answer(
+        self, waiting: list[_Waiting], outbound: list[Outbound], unconfirmed: list, corrections, after
+    ):
+        """A committed batch: ack its messages, answer them, publish what followed."""
         self.batch_sizes.append(len(waiting))
         # Stored (accepted or rejected) and committed: now the broker may forget the messages.
         kill_point("aggregator.commit_before_ack")

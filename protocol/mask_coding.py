@@ -61,8 +61,12 @@ class MaskCodingError(ValueError):
 def mask_digest(mask: np.ndarray) -> bytes:
     """8-byte digest of a boolean mask (length and bits): how a base and a decoded mask are named."""
     flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
-    packed = np.packbits(flat, bitorder="little").tobytes()
-    return hashlib.sha256(len(flat).to_bytes(8, "little") + packed).digest()[:DIGEST_BYTES]
+    return packed_mask_digest(flat.size, np.packbits(flat, bitorder="little").tobytes())
+
+
+def packed_mask_digest(num_bits: int, packed: bytes) -> bytes:
+    """:func:`mask_digest` of a mask already packed (little bit order), without packing it again."""
+    return hashlib.sha256(num_bits.to_bytes(8, "little") + packed).digest()[:DIGEST_BYTES]
 
 
 @dataclass(frozen=True)
