@@ -524,15 +524,8 @@ class MqttConnection:
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS  # queued: paho resends it once reconnected
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
-        if not wait:
-            return info
-        info.wait_for_publish(timeout_s)
-        if not info.is_published():
-            raise TransportError(f"no PUBACK for {topic!r} within {timeout_s:g} s")
-        with self._lock:
-            failure = self._puback_failures.pop(info.mid, None)
-        if failure is not None:
-            raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
+        if wait:
+            self.wait_published([(topic, info)], timeout_s)
         return info
 
     def wait_published(self, sent: list[tuple[str, mqtt.MQTTMessageInfo]], timeout_s: float = 30.0) -> None:
