@@ -131,7 +131,12 @@ class AgentProcesses:
             self.terminate()
             raise
         self.started = True
-        logger.info("%d agents running in %d processes", sum(map(len, self._groups)), self.processes)
+        logger.info(
+            "%d agents running in %d process%s",
+            sum(map(len, self._groups)),
+            self.processes,
+            "" if self.processes == 1 else "es",
+        )
         return self
 
     def stop(self, timeout_s: float = 60.0) -> list[AgentReport]:

@@ -48,7 +48,8 @@ class ProgressBar:
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items() if v is not None})
         if not self.enabled:
-            logger.info("%s round %d/%d %s", strategy, round_no, total, stats)
+            shown = " ".join(f"{k}={v:.3f}" for k, v in stats.items() if v is not None)
+            logger.info("%s round %d/%d %s", strategy, round_no, total, shown)
 
     def close(self) -> None:
         if self.bar is not None:
