@@ -311,15 +311,24 @@ class MqttConnection:
         deadline = time.monotonic() + timeout_s
         self._open_socket(deadline)
         self._client.loop_start()  # from here on paho reconnects by itself, with backoff
-        if self._connack.wait(max(0.0, deadline - time.monotonic())) and self._connected.is_set():
-            # Return only once the subscriptions are in place, so nothing published next is missed.
+        if self._connack.wait(max(0.0, deadline - time.monotonic())) and self._ever_connected:
+            # Return only once the subscriptions are in place on this very connection, so nothing
+            # published next is missed: a connection lost meanwhile is a failure, not a success.
             with self._suback_ready:
-                ready = self._suback_ready.wait_for(
-                    lambda: not self._resubscribing, max(0.0, deadline - time.monotonic())
+                epoch = self._epoch
+                self._suback_ready.wait_for(
+                    lambda: not self._resubscribing or self._epoch != epoch or not self.connected,
+                    max(0.0, deadline - time.monotonic()),
                 )
+                lost = self._epoch != epoch or not self.connected
+                ready = not lost and not self._resubscribing
             if ready:
                 return
             self.close()
+            if lost:
+                raise TransportError(
+                    f"connection to {self.broker} lost while subscribing (before every SUBACK was in)"
+                )
             raise TransportError(f"no SUBACK from {self.broker} within {timeout_s:g} s")
         self.close()
         if self._refused is not None:
@@ -428,8 +437,9 @@ class MqttConnection:
         if not self._ever_connected and not self._connack.is_set() and not self._closing:
             self._closed_before_connack = True
             self._connack.set()  # connect() stops waiting: it raises with the reason
-        with self._lock:
+        with self._suback_ready:  # (self._lock) connect() stops waiting for SUBACKs
             self._resubscribing.clear()
+            self._suback_ready.notify_all()
         if self._closing:
             logger.info("disconnected %s from %s", self.client_id, self.broker)
         elif self._refused is not None:  # the refusal itself was logged as an error
