@@ -67,6 +67,7 @@ class _Waiting:
     round_no: int = 0  # what the receipt names
     detail: str = ""
     update: messages.Update | None = None  # a decoded update (for the mask books once it is stored)
+    masks: tuple | None = None  # its mask rows (``StoredBases.mask_rows``)
     wire_bytes: int = 0
 
 
@@ -229,6 +230,10 @@ class AggregatorService:
         announced = None
         started = time.perf_counter()
         for item in outbound:
+            if not item.retain and len(item.payload) <= self.max_payload:  # a directive: as it is
+                sent.append((item.topic, self.connection.publish(item.topic, item.payload, wait=False)))
+                self.published_bytes += len(item.payload)
+                continue
             plan = publications(
                 item.topic,
                 item.payload,
@@ -413,7 +418,8 @@ class AggregatorService:
         masks = self.bases.mask_rows(decoded.round, decoded.body)
         waiting.decision, outbound = self.manager.on_update(device, decoded, stored, message.topic, masks)
         waiting.round_no, waiting.detail = decoded.base_round, "update"
-        waiting.update, waiting.wire_bytes = decoded, wire_size(payload, self.max_payload)
+        waiting.update, waiting.masks = decoded, masks
+        waiting.wire_bytes = wire_size(payload, self.max_payload)
         self._outbound.extend(outbound)
         self._wait_for_commit(waiting)
 
@@ -535,7 +541,7 @@ class AggregatorService:
             if update is not None and decision.accepted:
                 # The masks of a stored update went to the store with it; a duplicate's are written now.
                 stored = decision.detail != DUPLICATE
-                self.bases.accept(update.device, update.round, update.body, stored=stored)
+                self.bases.accept(update.device, update.round, update.body, stored=stored, rows=item.masks)
                 self.update_wire_bytes[(item.device, update.round)] = item.wire_bytes
             receipt = self._receipt(decision, round_no=item.round_no, detail=item.detail)
             receipts.append(Outbound(self.topics.down(item.device), receipt))
