@@ -545,12 +545,12 @@ def _sorted(value: Any, depth: int = 0) -> Any:
     received): a map whose keys are already in order (as a canonical sender wrote them, and msgpack
     unpacks them) is reused rather than copied, and no error path is built. Raises ``_NotPlain``
     where ``_canonical`` would raise."""
-    if depth > 2 * MAX_NESTING:
+    if depth >= 2 * MAX_NESTING and (depth > 2 * MAX_NESTING or value):  # (its items are one deeper)
         raise _NotPlain
     if isinstance(value, dict):
         keys = list(value)
         for key in keys:
-            if type(key) is not str and not isinstance(key, str):
+            if not isinstance(key, str):
                 raise _NotPlain
         ordered = sorted(keys)
         copy = ordered != keys
