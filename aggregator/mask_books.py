@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,8 +52,17 @@ def refused_update(payload: bytes, reason: object) -> tuple[int, str]:
 MaskRow = tuple[int, str, bytes]  # number of bits, digest (hex), packed bits
 
 
-def _masks(body: Mapping[str, Coded]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(c.array, dtype=bool).reshape(-1) for k, c in body.items() if c.coding == "bits"}
+def _packed(coded: Coded) -> tuple[int, bytes]:
+    """(number of bits, packed bits) of a mask: as it came off the wire when it is still packed."""
+    if coded.packed is not None:
+        return math.prod(coded.shape), coded.packed
+    mask = np.asarray(coded.array, dtype=bool).reshape(-1)
+    return int(mask.size), np.packbits(mask, bitorder="little").tobytes()
+
+
+def _base(round_no: int, num_bits: int, packed: bytes) -> Base:
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")
+    return Base(round_no, bits[:num_bits].view(bool))
 
 
 class StoredBases(ServerBases):
@@ -61,45 +71,63 @@ class StoredBases(ServerBases):
         self.store = store
         self.task_id = task_id
         self._cache: dict[str, dict[str, Base]] = {}
+        # Accepted masks still packed (a tenth of the memory): unpacked into bases when a device's next
+        # update is coded against them.
+        self._packed: dict[str, tuple[int, dict[str, MaskRow]]] = {}
         self.codings: dict[str, tuple[str, ...]] = {}  # device -> codings it decodes
         self.held: dict[str, MaskRef | None] = {}  # device -> consensus it said it holds
         self.coded_rounds: set[int] = set()  # rounds whose retained announcement is mctx-coded
 
     def device_masks(self, device: str) -> dict[str, Base]:
+        if device in self._packed:
+            round_no, rows = self._packed.pop(device)
+            self._cache[device] = {k: _base(round_no, bits, packed) for k, (bits, _, packed) in rows.items()}
         if device not in self._cache:
             bases = {}
             for row in stored_masks.load_masks(self.store, self.task_id, device):
-                bits = np.unpackbits(np.frombuffer(row.packed, dtype=np.uint8), bitorder="little")
-                base = Base(row.round_no, bits[: row.num_bits].astype(bool))
-                if len(bits) >= row.num_bits and base.ref.digest.hex() == row.digest:
+                base = _base(row.round_no, row.num_bits, row.packed)
+                if 8 * len(row.packed) >= row.num_bits and base.ref.digest.hex() == row.digest:
                     bases[row.entry] = base
                 else:
                     logger.warning("stored mask base %r of %s does not match its digest", row.entry, device)
             self._cache[device] = bases
         return self._cache[device]
 
+    def forget(self) -> None:
+        """Drop every base held in memory: each is read from the store again when next needed."""
+        self._cache.clear()
+        self._packed.clear()
+
     def mask_rows(self, round_no: int, body: Mapping[str, Coded]) -> tuple[int, dict[str, MaskRow]] | None:
         """The store's rows for an update's masks, ``(round, {entry: row})``, or None if it has none:
         stored with the update, in the same transaction (``Store.record_batch``)."""
-        masks = _masks(body)
-        if not masks:
-            return None
         rows = {}
-        for name, mask in masks.items():  # packed once: the digest is of the packed bits
-            packed = np.packbits(mask.reshape(-1), bitorder="little").tobytes()
-            rows[name] = (int(mask.size), packed_mask_digest(mask.size, packed).hex(), packed)
-        return round_no, rows
+        for name, coded in body.items():
+            if coded.coding == "bits":  # the digest is of the packed bits, as they came
+                bits, packed = _packed(coded)
+                rows[name] = (bits, packed_mask_digest(bits, packed).hex(), packed)
+        return (round_no, rows) if rows else None
 
-    def accept(self, device: str, round_no: int, body: Mapping[str, Coded], *, stored: bool = False) -> None:
+    def accept(
+        self,
+        device: str,
+        round_no: int,
+        body: Mapping[str, Coded],
+        *,
+        stored: bool = False,
+        rows: tuple[int, dict[str, MaskRow]] | None = None,
+    ) -> None:
         """An update of ``device`` was accepted: its masks are the device's bases from now on.
-        ``stored``: they were written with it (``mask_rows``); otherwise they are written here."""
-        masks = _masks(body)
-        if not masks:
+        ``stored``: they were written with it (``rows``, from ``mask_rows``); otherwise they are
+        written here."""
+        if rows is None:
+            rows = self.mask_rows(round_no, body)
+        if rows is None:
             return
         if not stored:
-            _, rows = self.mask_rows(round_no, body)
-            stored_masks.save_masks(self.store, self.task_id, device, round_no, rows)
-        self._cache[device] = {k: Base(round_no, m) for k, m in masks.items()}
+            stored_masks.save_masks(self.store, self.task_id, device, round_no, rows[1])
+        self._cache.pop(device, None)
+        self._packed[device] = (round_no, rows[1])
 
     def announced_body(self, round_no: int) -> dict[str, np.ndarray] | None:
         if round_no in self.announced:

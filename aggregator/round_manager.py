@@ -502,6 +502,7 @@ class RoundManager:
             payload=payload,
             metrics=dict(update.metrics),
             masks=masks,
+            payload_sha256=digest,
         )
         self.pending.round_no = self.current.number
         self.pending.updates[device] = PendingUpdate(row, digest, topic)
@@ -675,13 +676,15 @@ class RoundManager:
     def _check_body(self, update: messages.Update) -> str | None:
         if self.expected is None:
             return None
-        body = {name: coded.array for name, coded in update.body.items()}
+        body = update.body
         if set(body) != set(self.expected):
             return f"body has {sorted(body)}, expected {sorted(self.expected)}"
         for name, shape in self.expected.items():
-            if tuple(body[name].shape) != tuple(shape):
-                return f"{name} has shape {tuple(body[name].shape)}, expected {tuple(shape)}"
-            if body[name].dtype.kind == "f" and not np.isfinite(body[name]).all():
+            coded = body[name]  # (masks stay packed: shape and coding say enough)
+            if coded.shape != tuple(shape):
+                return f"{name} has shape {coded.shape}, expected {tuple(shape)}"
+            array = None if coded.coding == "bits" else coded.array
+            if array is not None and array.dtype.kind == "f" and not np.isfinite(array).all():
                 return f"{name} holds NaN or infinity"
         return None
 

@@ -48,6 +48,12 @@ from fedmask.protocol.transport import MqttConnection, ReceivedMessage, Transpor
 logger = logging.getLogger(__name__)
 
 DUPLICATE = "duplicate delivery"  # the detail of a decision that answers an update already stored
+# How long anything that writes waits for the flusher's commit before it gives up with an error.
+COMMIT_WAIT_S = 60.0
+
+
+class CommitStalled(RuntimeError):
+    """The flusher's commit did not finish in time (a database that hangs): nothing else can write."""
 
 
 @dataclasses.dataclass
@@ -61,6 +67,7 @@ class _Waiting:
     round_no: int = 0  # what the receipt names
     detail: str = ""
     update: messages.Update | None = None  # a decoded update (for the mask books once it is stored)
+    masks: tuple | None = None  # its mask rows (``StoredBases.mask_rows``)
     wire_bytes: int = 0
 
 
@@ -80,6 +87,7 @@ class AggregatorService:
         republish_task_s: float = 60.0,
         batch_max: int = 256,
         batch_wait_s: float = 0.005,
+        commit_wait_s: float = COMMIT_WAIT_S,
     ) -> None:
         if batch_max < 1 or batch_wait_s < 0:
             raise ValueError(f"batch_max must be >= 1 and batch_wait_s >= 0, got {batch_max}, {batch_wait_s}")
@@ -117,6 +125,7 @@ class AggregatorService:
         self._batch_opened = 0.0
         self._batch_due = threading.Condition(self._lock)
         self._committing = False  # the flusher is writing a batch, without the lock
+        self.commit_wait_s = commit_wait_s
         self._receipts: dict[tuple[str, int, str], bytes] = {}  # encoded receipts (see ``_receipt``)
         self.batch_sizes: list[int] = []  # messages per committed batch
         self._stop = threading.Event()
@@ -221,6 +230,10 @@ class AggregatorService:
         announced = None
         started = time.perf_counter()
         for item in outbound:
+            if not item.retain and len(item.payload) <= self.max_payload:  # a directive: as it is
+                sent.append((item.topic, self.connection.publish(item.topic, item.payload, wait=False)))
+                self.published_bytes += len(item.payload)
+                continue
             plan = publications(
                 item.topic,
                 item.payload,
@@ -405,7 +418,8 @@ class AggregatorService:
         masks = self.bases.mask_rows(decoded.round, decoded.body)
         waiting.decision, outbound = self.manager.on_update(device, decoded, stored, message.topic, masks)
         waiting.round_no, waiting.detail = decoded.base_round, "update"
-        waiting.update, waiting.wire_bytes = decoded, wire_size(payload, self.max_payload)
+        waiting.update, waiting.masks = decoded, masks
+        waiting.wire_bytes = wire_size(payload, self.max_payload)
         self._outbound.extend(outbound)
         self._wait_for_commit(waiting)
 
@@ -428,14 +442,10 @@ class AggregatorService:
     def _commit_pipelined(self) -> None:
         """The flusher's commit (called holding the lock once): the store write runs without the lock,
         so the next batch is judged meanwhile; counting, acks and answers hold it again."""
-        waiting, self._waiting = self._waiting, []
-        outbound, self._outbound = self._outbound, []
-        if not waiting and not self.manager.pending:
-            if outbound:
-                self._publish(outbound)
+        opened = self._open_batch()
+        if opened is None:
             return
-        kill_point("aggregator.before_commit")
-        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        waiting, outbound, unconfirmed = opened
         batch = self.manager.take()
         self._committing = True
         try:
@@ -459,6 +469,19 @@ class AggregatorService:
             return
         self._answer(waiting, outbound, unconfirmed, corrections, after)
 
+    def _open_batch(self) -> tuple[list[_Waiting], list[Outbound], list] | None:
+        """Take the pending batch to commit: (its messages, what to publish after it, the previous
+        batch's receipts); None when nothing waits (what is to publish is published now)."""
+        waiting, self._waiting = self._waiting, []
+        outbound, self._outbound = self._outbound, []
+        if not waiting and not self.manager.pending:
+            if outbound:
+                self._publish(outbound)
+            return None
+        kill_point("aggregator.before_commit")
+        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        return waiting, outbound, unconfirmed
+
     def _failed(self, waiting: list[_Waiting], unconfirmed: list) -> None:
         self._unconfirmed = unconfirmed + self._unconfirmed
         # Acked (so no message can wedge the session) and not answered: each device republishes its
@@ -473,16 +496,19 @@ class AggregatorService:
         """Commit the pending batch in one transaction (after the flusher's commit, if one is under way);
         then ack its messages, answer them, and publish what followed (the next round's announcement
         when the batch reached the quorum)."""
+        deadline = time.monotonic() + self.commit_wait_s
         while self._committing:
-            self._batch_due.wait(1.0)
-        waiting, self._waiting = self._waiting, []
-        outbound, self._outbound = self._outbound, []
-        if not waiting and not self.manager.pending:
-            if outbound:
-                self._publish(outbound)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CommitStalled(
+                    f"the flusher's commit has not finished within {self.commit_wait_s:g} s; nothing "
+                    "new is stored until it does (is the database reachable?)"
+                )
+            self._batch_due.wait(min(1.0, remaining))
+        opened = self._open_batch()
+        if opened is None:
             return
-        kill_point("aggregator.before_commit")
-        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        waiting, outbound, unconfirmed = opened
         try:
             corrections, after = self.manager.commit()
         except Exception:
@@ -515,7 +541,7 @@ class AggregatorService:
             if update is not None and decision.accepted:
                 # The masks of a stored update went to the store with it; a duplicate's are written now.
                 stored = decision.detail != DUPLICATE
-                self.bases.accept(update.device, update.round, update.body, stored=stored)
+                self.bases.accept(update.device, update.round, update.body, stored=stored, rows=item.masks)
                 self.update_wire_bytes[(item.device, update.round)] = item.wire_bytes
             receipt = self._receipt(decision, round_no=item.round_no, detail=item.detail)
             receipts.append(Outbound(self.topics.down(item.device), receipt))

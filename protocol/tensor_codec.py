@@ -29,6 +29,7 @@ size its shape implies. Callers that know the model should pass its parameter co
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,38 @@ class Coded:
         if self.coding not in CODINGS:
             raise ValueError(f"unknown coding {self.coding!r}; expected one of {CODINGS}")
 
+    @classmethod
+    def packed_bits(cls, packed: bytes, dims: tuple[int, ...]) -> Coded:
+        """A decoded ``bits`` array kept in its wire form (``pack_bits``, padding already checked): the
+        aggregator checks, digests and stores masks packed, and ``array`` unpacks only when asked
+        (8x the memory, and most of the cost of decoding an update)."""
+        coded = object.__new__(cls)
+        object.__setattr__(coded, "coding", "bits")
+        object.__setattr__(coded, "context", None)
+        object.__setattr__(coded, "_packed", (packed, dims))
+        return coded
+
+    def __getattr__(self, name: str):
+        # Only reached for an attribute not set: the ``array`` of a ``packed_bits`` one, unpacked once.
+        packed = self.__dict__.get("_packed")
+        if name != "array" or packed is None:
+            raise AttributeError(name)
+        data, dims = packed
+        array = unpack_bits(data, math.prod(dims)).reshape(dims)
+        object.__setattr__(self, "array", array)
+        return array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        packed = self.__dict__.get("_packed")
+        return packed[1] if packed is not None else tuple(np.shape(self.array))
+
+    @property
+    def packed(self) -> bytes | None:
+        """The packed bits of a ``bits`` array decoded as ``packed_bits`` (None otherwise)."""
+        packed = self.__dict__.get("_packed")
+        return None if packed is None else packed[0]
+
     def __eq__(self, other: object) -> bool:
         # The generated __eq__ compares arrays with ``==`` and raises for more than one element.
         if not isinstance(other, Coded):
@@ -92,13 +125,18 @@ def pack_bits(bits: np.ndarray) -> bytes:
 
 def unpack_bits(data: bytes, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`; ``count`` elements, padding bits must be zero."""
+    check_packed(data, count)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    return bits[:count].view(bool)  # 0/1 bytes are valid bools: no copy
+
+
+def check_packed(data: bytes, count: int) -> None:
+    """``data`` is exactly :func:`pack_bits` of ``count`` elements: its length, zero padding bits."""
     need = (count + 7) // 8
     if len(data) != need:
         raise CodecError("wrong_mask_length", f"{len(data)} bytes for {count} bits, expected {need}")
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    if bits[count:].any():
+    if count % 8 and data[-1] >> (count % 8):
         raise CodecError("wrong_mask_length", "non-zero padding bits after the last element")
-    return bits[:count].view(bool)  # 0/1 bytes are valid bools: no copy
 
 
 def _maybe_compress(raw: bytes) -> tuple[bool, bytes]:
@@ -280,7 +318,8 @@ def decode_coded_array(
     dims, count = _check_shape(shape, min(max_elements, MAX_ELEMENTS))
     if coding == "bits":
         raw = _inflate(data, (count + 7) // 8) if compressed else data
-        return Coded(unpack_bits(raw, count).reshape(dims), coding)
+        check_packed(raw, count)
+        return Coded.packed_bits(raw, dims)
     if coding in ("f32", "f16", "i64"):
         width = {"f32": 4, "f16": 2, "i64": 8}[coding]
         if compressed or len(data) != count * width:
@@ -337,7 +376,7 @@ def decode_coded_body(
             )
         except CodecError as exc:
             raise CodecError(exc.reason, f"body entry {name!r}: {exc.detail}") from exc
-        budget -= coded.array.size
+        budget -= math.prod(coded.shape)
         out[name] = coded
     return out
 

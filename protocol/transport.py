@@ -54,6 +54,7 @@ DISPATCH_MODES = ("worker", "network")
 # Small request/response messages (an update, then its receipt) must not wait for Nagle's algorithm:
 # with it, each receipt sat ~40 ms in the kernel and capped ingest at ~20 updates/s (benchmarks/wire.py).
 DEFAULT_TCP_NODELAY = True
+MAX_ROUTES = 100_000  # topics whose handler is remembered (one per device and direction)
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600  # a device may stay offline for days and still get its queue
 
 
@@ -181,6 +182,7 @@ class MqttConnection:
         # limit, Mosquitto's max_inflight_messages, 20): a consumer that acks in batches needs more.
         self.receive_maximum = receive_maximum
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._routes: dict[str, Handler | None] = {}  # topic -> its subscription's handler (a cache)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._connack = threading.Event()  # any CONNACK, success or refusal
@@ -311,15 +313,24 @@ class MqttConnection:
         deadline = time.monotonic() + timeout_s
         self._open_socket(deadline)
         self._client.loop_start()  # from here on paho reconnects by itself, with backoff
-        if self._connack.wait(max(0.0, deadline - time.monotonic())) and self._connected.is_set():
-            # Return only once the subscriptions are in place, so nothing published next is missed.
+        if self._connack.wait(max(0.0, deadline - time.monotonic())) and self._ever_connected:
+            # Return only once the subscriptions are in place on this very connection, so nothing
+            # published next is missed: a connection lost meanwhile is a failure, not a success.
             with self._suback_ready:
-                ready = self._suback_ready.wait_for(
-                    lambda: not self._resubscribing, max(0.0, deadline - time.monotonic())
+                epoch = self._epoch
+                self._suback_ready.wait_for(
+                    lambda: not self._resubscribing or self._epoch != epoch or not self.connected,
+                    max(0.0, deadline - time.monotonic()),
                 )
+                lost = self._epoch != epoch or not self.connected
+                ready = not lost and not self._resubscribing
             if ready:
                 return
             self.close()
+            if lost:
+                raise TransportError(
+                    f"connection to {self.broker} lost while subscribing (before every SUBACK was in)"
+                )
             raise TransportError(f"no SUBACK from {self.broker} within {timeout_s:g} s")
         self.close()
         if self._refused is not None:
@@ -428,8 +439,9 @@ class MqttConnection:
         if not self._ever_connected and not self._connack.is_set() and not self._closing:
             self._closed_before_connack = True
             self._connack.set()  # connect() stops waiting: it raises with the reason
-        with self._lock:
+        with self._suback_ready:  # (self._lock) connect() stops waiting for SUBACKs
             self._resubscribing.clear()
+            self._suback_ready.notify_all()
         if self._closing:
             logger.info("disconnected %s from %s", self.client_id, self.broker)
         elif self._refused is not None:  # the refusal itself was logged as an error
@@ -452,6 +464,7 @@ class MqttConnection:
         """
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
+            self._routes.clear()
             if not self._connected.is_set():
                 return  # sent by _resubscribe on connection
         result, mid = self._client.subscribe(topic_filter, qos=qos)
@@ -472,6 +485,7 @@ class MqttConnection:
         """Stop routing ``topic_filter`` and tell the broker (not waited for)."""
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
+            self._routes.clear()
             self._confirmed.discard(topic_filter)
         self._client.unsubscribe(topic_filter)
 
@@ -537,19 +551,18 @@ class MqttConnection:
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             if not info.is_published():
                 raise TransportError(f"no PUBACK for {topic!r} within {timeout_s:g} s")
-            with self._lock:
-                failure = self._puback_failures.pop(info.mid, None)
+            failure = self._puback_failures.pop(info.mid, None) if self._puback_failures else None
             if failure is not None:
                 raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
 
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
-        # Runs before paho marks the message published, so publish() sees the reason code.
-        with self._lock:
-            if reason_code.is_failure:
-                logger.warning("%s: publish mid %d refused: %s", self.client_id, mid, reason_code.getName())
-                self._puback_failures[mid] = reason_code
-            else:
-                self._puback_failures.pop(mid, None)
+        # Runs before paho marks the message published, so publish() sees the reason code. (A dict's
+        # pop and item assignment are atomic: no lock on this path, once per message published.)
+        if reason_code.is_failure:
+            logger.warning("%s: publish mid %d refused: %s", self.client_id, mid, reason_code.getName())
+            self._puback_failures[mid] = reason_code
+        elif self._puback_failures:
+            self._puback_failures.pop(mid, None)
 
     # --- receiving --------------------------------------------------------------------------------
 
@@ -573,10 +586,17 @@ class MqttConnection:
 
     def _route(self, topic: str) -> Handler | None:
         with self._lock:
-            for topic_filter, (_, handler) in self._subscriptions.items():
+            if topic in self._routes:  # (matching every filter again cost more than the rest of it)
+                return self._routes[topic]
+            handler = None
+            for topic_filter, (_, candidate) in self._subscriptions.items():
                 if mqtt.topic_matches_sub(_share_stripped(topic_filter), topic):
-                    return handler
-        return None
+                    handler = candidate
+                    break
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            self._routes[topic] = handler
+            return handler
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self._network_thread = threading.get_ident()

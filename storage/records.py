@@ -178,6 +178,9 @@ class NewUpdate:
     payload: bytes = field(repr=False)
     metrics: dict[str, Any]
     masks: tuple[int, dict[str, tuple[int, str, bytes]]] | None = field(default=None, repr=False)
+    # SHA-256 (hex) of ``payload`` when the caller has it already (the aggregator keys updates by it):
+    # not computed twice. Every read checks the stored bytes against it anyway.
+    payload_sha256: str | None = None
 
 
 @dataclass(frozen=True)

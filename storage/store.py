@@ -765,7 +765,7 @@ def _update_values(update: NewUpdate) -> dict[str, Any]:
         "num_samples": validation.integer(update.num_samples, "num_samples", minimum=0, maximum=INT32_MAX),
         "metrics": validation.json_document(update.metrics, "metrics"),
         "payload": payload,
-        "payload_sha256": sha256_hex(payload),
+        "payload_sha256": update.payload_sha256 or sha256_hex(payload),
         "payload_bytes": len(payload),
         "masks": update.masks,
     }

@@ -62,7 +62,7 @@ def test_a_lost_base_is_refused_and_the_update_resent_in_full(
         # The aggregator loses every device's base.
         with store.engine.begin() as connection:
             connection.execute(delete(MaskBase))
-        aggregator.bases._cache.clear()
+        aggregator.bases.forget()
         tickets.grant(2)
         poll(lambda: round_state(store, task.task_id, 3) == "closed", 60, "round 3 closed")
         assert sorted(accepted_devices(store, task.task_id, 3)) == everyone

@@ -4,11 +4,15 @@ meanwhile, and the quorum closes a round only once nothing is pending. Real SQLi
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import pytest
 from fixtures.fleet import fedmask_task
 from sqlalchemy import select
 
 from fedmask.aggregator.round_manager import RoundManager
+from fedmask.aggregator.service import AggregatorService, CommitStalled
 from fedmask.protocol import messages
 from fedmask.protocol.errors import Rejection
 from fedmask.protocol.tensor_codec import Coded
@@ -104,3 +108,17 @@ def test_the_quorum_closes_the_round_once_nothing_is_pending(tmp_path) -> None:
         assert [o.topic for o in after] == [TOPICS.round]  # round 2's announcement
         assert manager.current is not None and manager.current.number == 2
         assert stored(store) == ["dev-0", "dev-1", "dev-2"]
+
+
+def test_a_flush_gives_up_on_a_commit_that_never_finishes(tmp_path) -> None:
+    """A write waits for the flusher's commit with a deadline, then fails with a clear error."""
+    task = fedmask_task(FLEET, 14, task_id=TASK_ID, rounds=2, quorum=2, deadline_s=600.0)
+    with Store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.upgrade()
+        # Never connected: the flush below gives up before it would touch the broker.
+        service = AggregatorService("mqtt://127.0.0.1:1", FLEET, task, store, commit_wait_s=0.3)
+        service._committing = True  # as while the flusher writes a batch that hangs
+        started = time.monotonic()
+        with service._lock, pytest.raises(CommitStalled, match=r"not finished within 0.3 s"):
+            service._flush()
+        assert 0.25 <= time.monotonic() - started < 5

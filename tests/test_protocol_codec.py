@@ -215,3 +215,20 @@ def test_corrupted_arrays_decode_or_raise_codec_error_within_bounded_memory(case
         tracemalloc.stop()
     # 65,536 elements of float32 plus temporaries; a hostile shape must not push past that.
     assert peak < 8 << 20
+
+
+@FAST
+@given(hnp.arrays(bool, shapes))
+def test_decoded_bits_stay_packed_until_read(bits: np.ndarray) -> None:
+    """A decoded mask keeps its wire bytes (what the aggregator digests and stores) and unpacks only
+    when its array is read; a set padding bit is refused at decoding, not later."""
+    item = encode_array(Coded(bits, "bits"))
+    coded = decode_coded_body({"m": item})["m"]
+    assert coded.packed == pack_bits(bits) and coded.shape == bits.shape
+    assert "array" not in vars(coded)  # not unpacked by decoding
+    assert coded == Coded(bits, "bits") and coded.array.dtype == bool
+    if bits.size % 8:
+        raw = bytearray(pack_bits(bits))
+        raw[-1] |= 0x80
+        with pytest.raises(CodecError, match="padding"):
+            decode_coded_body({"m": {**item, "z": False, "d": bytes(raw)}})

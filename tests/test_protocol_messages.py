@@ -364,3 +364,32 @@ def test_rejection_enum_lists_the_aggregator_reasons_too() -> None:
     reserved |= {"replayed_update", "round_closed", "wrong_body"}
     assert reserved <= {r.value for r in Rejection}
     assert str(Rejection.STALE_ROUND) == "stale_round"
+
+
+def test_the_fast_canonical_form_is_the_reference_one() -> None:
+    """``checksum`` reuses maps already in key order; it must pack exactly what ``_canonical`` packs,
+    and refuse exactly what it refuses, with the same detail."""
+    from fedmask.protocol.messages import _canonical, _canonical_fast, _pack
+
+    def nested(depth: int, leaf: object) -> object:
+        value = leaf
+        for i in range(depth):
+            value = {"k": value} if i % 2 else [value]
+        return value
+
+    cases = [
+        {"b": 1, "a": {"d": [3, {"z": 1, "y": (2, {"q": b"x", "p": 1.5})}], "c": None}},
+        {"a": 1, "b": {"c": [1, 2], "d": {"e": "f"}}},  # already sorted: reused, same bytes
+        {"a": (1, [2, (3,)]), "b": []},
+        *({"x": nested(depth, leaf)} for depth in (14, 15, 16) for leaf in (1, [], {})),
+        {"a": {1: "non-string key"}},
+    ]
+    for case in cases:
+        try:
+            expected = _pack(_canonical(dict(case)))
+        except ProtocolError as exc:
+            with pytest.raises(ProtocolError) as raised:
+                _canonical_fast(dict(case))
+            assert (raised.value.reason, raised.value.detail) == (exc.reason, exc.detail)
+        else:
+            assert _pack(_canonical_fast(dict(case))) == expected

@@ -4,6 +4,7 @@ late subscriber, the last will, credentials and ACL refusals, reconnects and sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -374,6 +375,68 @@ def test_connect_to_nothing_times_out_with_a_clear_error(connections) -> None:
         port = s.getsockname()[1]  # closed again: nobody listens there
     with pytest.raises(TransportError, match=r"cannot connect to .*Connection refused"):
         connections(f"mqtt://127.0.0.1:{port}", "lonely").connect(timeout_s=1.5)
+
+
+class DropOnSubscribe:
+    """A TCP relay to a real broker that cuts the connection when the client sends a SUBSCRIBE
+    (after the broker's CONNACK went through): a connection lost while connect() subscribes."""
+
+    SUBSCRIBE = 0x82  # first byte of an MQTT SUBSCRIBE packet
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.upstream = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(self.upstream, timeout=5)
+            threading.Thread(target=self._pump, args=(client, broker, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(broker, client, False), daemon=True).start()
+
+    def _pump(self, source, sink, from_client: bool) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if from_client and data[0] == self.SUBSCRIBE:
+                    self.cuts += 1
+                    break
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_connect_fails_when_the_connection_drops_while_subscribing(
+    open_mosquitto, connections, protocol
+) -> None:
+    relay = DropOnSubscribe(open_mosquitto.host, open_mosquitto.port)
+    try:
+        connection = connections(f"mqtt://127.0.0.1:{relay.port}", "cut-off", protocol=protocol)
+        connection.subscribe("fleet-a/up/#", Inbox())
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="lost while subscribing"):
+            connection.connect(timeout_s=5)
+        assert time.monotonic() - started < 4  # said at once, not after the SUBACK timeout
+        assert relay.cuts >= 1 and not connection.connected
+    finally:
+        relay.close()
 
 
 def test_tls_round_trip_verifies_the_broker_certificate(tls_mosquitto, connections, tmp_path) -> None:
