@@ -123,17 +123,19 @@ def publish_all(
             info.wait_for_publish(120)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(publishers)]
+    cpu = time.process_time()  # this process's threads: paho sending, receipts decoded
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     finished = done.wait(300)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     for thread in threads:
         thread.join(10)
     for c in (*senders, listener):
         c.disconnect()
         c.loop_stop()
-    pipe.send((elapsed if finished else None, answered["receipt"], answered["rejected"]))
+    pipe.send((elapsed if finished else None, answered["receipt"], answered["rejected"], cpu))
 
 
 # -- the aggregator's side: this process ----------------------------------------------------------------
@@ -163,6 +165,12 @@ def register(store, fleet: str, devices: list[str]) -> None:
         ).scalar_one()
         seen = {"presence": "online", "presence_at": now, "first_seen_at": now, "last_seen_at": now}
         connection.execute(insert(Device), [{"fleet_pk": fleet_pk, "device_id": d, **seen} for d in devices])
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_fleet(
@@ -203,11 +211,13 @@ def run_fleet(
                 raise TimeoutError("the publisher process did not connect within 60 s")
             ours.recv()
             cpu = time.process_time()  # every thread of this process: the aggregator's CPU
+            broker_cpu = process_cpu_s(broker.pid)
             ours.send("go")
             if not ours.poll(330):
                 raise TimeoutError("the publisher process did not report within 330 s")
-            elapsed, receipts, rejected = ours.recv()
+            elapsed, receipts, rejected, publisher_cpu = ours.recv()
             cpu = time.process_time() - cpu
+            broker_cpu = process_cpu_s(broker.pid) - broker_cpu
         finally:
             child.join(30)
             service.stop()
@@ -224,6 +234,9 @@ def run_fleet(
     return {
         "updates_per_s": devices / elapsed,
         "cpu_ms_per_update": cpu * 1e3 / devices,
+        # The rest of the machine's work per update: what the CPU budget leaves the aggregator.
+        "publisher_cpu_ms_per_update": publisher_cpu * 1e3 / devices,
+        "broker_cpu_ms_per_update": broker_cpu * 1e3 / devices,
         "batches": len(sizes),
         "median_batch": statistics.median(sizes) if sizes else 0,
         "aggregate_ms": timing.aggregate_s * 1e3 if timing and timing.aggregate_s else None,
@@ -271,6 +284,10 @@ def ingest_rows(broker, engine: str, args) -> list[dict[str, Any]]:
                 "all_updates_per_s": [round(r["updates_per_s"], 1) for r in runs],
                 "median_batch": statistics.median(r["median_batch"] for r in runs),
                 "cpu_ms_per_update": statistics.median(r["cpu_ms_per_update"] for r in runs),
+                "publisher_cpu_ms_per_update": statistics.median(
+                    r["publisher_cpu_ms_per_update"] for r in runs
+                ),
+                "broker_cpu_ms_per_update": statistics.median(r["broker_cpu_ms_per_update"] for r in runs),
                 "x_baseline": rate / baseline,
             }
         )
@@ -320,6 +337,8 @@ INGEST_COLUMNS = [
     ("updates_per_s", "UPDATES/S", "{:.0f}"),
     ("x_baseline", "x BASELINE", "{:.2f}"),
     ("cpu_ms_per_update", "AGGREGATOR CPU MS/UPDATE", "{:.2f}"),
+    ("publisher_cpu_ms_per_update", "PUBLISHER", "{:.2f}"),
+    ("broker_cpu_ms_per_update", "MOSQUITTO", "{:.2f}"),
 ]
 ROUND_COLUMNS = [
     ("engine", "ENGINE", "{}"),

@@ -258,6 +258,14 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._runner.running
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (benchmarks read its CPU time from ``/proc``)."""
+        process = getattr(self._runner, "process", None)
+        if process is None or process.poll() is not None:
+            raise RuntimeError(f"no running {self.backend} process")
+        return process.pid
+
     def start(self) -> EmbeddedBroker:
         if self._runner.running:
             raise RuntimeError(f"broker on port {self.port} is already running")
