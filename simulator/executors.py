@@ -149,24 +149,30 @@ class SequentialExecutor:
 
 
 def plan(devices: Sequence[str], cost: Callable[[str], float], holder: dict[str, int], workers: int):
-    """Which worker runs which device: stay where held while the load allows, else least-loaded first."""
+    """Which worker runs which held device, and the pool of the others.
+
+    A device stays on the worker that holds it while that worker's load allows, else it moves to the
+    least-loaded worker. Devices no worker holds yet form the pool, largest first: each goes to the
+    next worker with room in its queue, so a worker that runs fast takes more of them (how long a
+    device takes varies with more than its sample count).
+    """
     order = sorted(devices, key=lambda d: -cost(d))
     limit = STICKY_SLACK * sum(cost(d) for d in devices) / workers
     load = [0.0] * workers
     assigned: dict[int, list[str]] = {w: [] for w in range(workers)}
-    rest = []
+    moving = []
     for device in order:
         w = holder.get(device)
         if w is not None and load[w] + cost(device) <= limit:
             assigned[w].append(device)
             load[w] += cost(device)
-        else:
-            rest.append(device)
-    for device in rest:
+        elif w is not None:
+            moving.append(device)
+    for device in moving:
         w = min(range(workers), key=lambda i: (load[i], i))
         assigned[w].append(device)
         load[w] += cost(device)
-    return assigned
+    return assigned, [d for d in order if d not in holder]
 
 
 class WorkerPool:
@@ -204,9 +210,9 @@ class WorkerPool:
 
     def _batch(self, kind: str, devices: Sequence[str], round_no: int, body: Any):
         cost = self.cost(kind)
-        assigned = plan(devices, cost, self.holder, self.workers)
-        assigned = {w: sorted(ds, key=lambda d: -cost(d)) for w, ds in assigned.items()}  # largest first
-        moving = {d: self.holder[d] for w, ds in assigned.items() for d in ds if self.holder.get(d, w) != w}
+        assigned, unheld = plan(devices, cost, self.holder, self.workers)
+        pool = deque(unheld)
+        moving = {d: self.holder[d] for w, ds in assigned.items() for d in ds if self.holder[d] != w}
         queues: dict[int, deque] = {w: deque() for w in range(self.workers)}
         for device, source in moving.items():
             queues[source].append(("export", device))
@@ -218,19 +224,29 @@ class WorkerPool:
         key = (kind, round_no)
         self.device_s = 0.0
 
+        def next_request(w: int) -> tuple[str, str] | None:
+            """The worker's next planned request; a pool device while a moving one's state travels."""
+            todo = queues[w]
+            if todo and (todo[0][0] == "export" or todo[0][1] not in moving or todo[0][1] in states):
+                return todo.popleft()
+            # The pool's last devices wait for a free worker: queued behind a busy one, they could
+            # end the round late while the other worker idles.
+            if pool and (not sent[w] or len(pool) >= self.workers):
+                return "run", pool.popleft()
+            return None
+
         def send_more() -> None:
-            for w, todo in queues.items():
-                while todo and len(sent[w]) < IN_FLIGHT:
-                    method, device = todo[0]
+            for depth in range(IN_FLIGHT):  # breadth first: each worker's first request, then the next
+                for w in range(self.workers):
+                    if len(sent[w]) > depth or (request := next_request(w)) is None:
+                        continue
+                    method, device = request
                     call = Call(kind, device, round_no, key)
                     if method == "export":
                         self._send(w, "export", (device,))
-                    elif device in moving and device not in states:
-                        break  # its state is still on the way
                     else:
                         self._send(w, "run", self._run_args(w, call, body, states.pop(device, None)))
                         self.holder[device] = w
-                    todo.popleft()
                     sent[w].append((method, call))
 
         send_more()
