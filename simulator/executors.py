@@ -10,9 +10,10 @@ never on which process runs it or when.
 
 Each worker hosts a set of devices (``DeviceHost``): their client halves, created on first use and kept
 between rounds, so a device's state (scores, weights, bases) stays where it trained. The parent plans
-each call (``plan``): a device stays on the worker that holds it while the load allows, the rest go to
-the least-loaded worker (largest first); a device that moves travels as its pickled client half, data
-aside; the biggest devices start first (longest processing time first). Each worker has
+each call (``plan``): a device stays on the worker that holds it while the load allows, else it moves to
+the least-loaded worker, as its pickled client half (data aside); devices no worker holds yet go, from
+a pool, to whichever worker has room first; the biggest devices start first (longest processing time
+first). Each worker has
 ``IN_FLIGHT`` requests queued so it never waits for the parent between devices; a sender thread per
 worker keeps a large request from blocking against a large result on the same pipe. Torch runs one
 thread per worker. A failure names the device, round and call; Ctrl-C or any
