@@ -288,12 +288,37 @@ class WorkerPool:
         raise NotImplementedError
 
 
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the threshold it adapts (64-bit)
+
+
+def reuse_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse instead of unmapping them.
+
+    Training allocates and frees megabyte tensors every step. A fresh worker would map and unmap
+    each one (paying a page fault per 4 KB) until glibc's adaptive threshold rises; the parent,
+    which loaded whole data sets, already runs with it raised. Measured on Fashion-MNIST: a lone
+    worker trained a round's devices in 13.0 s of device time without this, 9.1 s with it, the
+    sequential run 8.1-8.8 s. Allocation never changes arithmetic, so results stay bit-identical.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops it adapting)
+        libc.mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD, as glibc pairs them itself
+    except (OSError, AttributeError, TypeError):  # not glibc: its allocator decides
+        logger.debug("mallopt unavailable (%s): worker memory left to the allocator", name)
+
+
 def _worker_main(conn, spec: TaskSpec) -> None:
     """A worker process: serve requests until the parent closes the pipe."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C hits the group: the parent stops us
     torch.set_num_threads(1)
+    reuse_freed_memory()
     host = DeviceHost(spec)
     while True:
         try:
@@ -435,6 +460,7 @@ class RayHost(DeviceHost):
         import torch
 
         torch.set_num_threads(1)
+        reuse_freed_memory()
         super().__init__(spec)
 
     def run(self, call: Call, body: Any = None, data: DeviceData | None = None, state: bytes | None = None):
