@@ -230,11 +230,15 @@ class WorkerPool:
             todo = queues[w]
             if todo and (todo[0][0] == "export" or todo[0][1] not in moving or todo[0][1] in states):
                 return todo.popleft()
-            # The pool's last devices wait for a free worker: queued behind a busy one, they could
-            # end the round late while the other worker idles.
-            if pool and (not sent[w] or len(pool) >= self.workers):
+            # A pool device waits in a queue only where the least work is queued (never behind a long
+            # device while another worker could start it sooner), and the pool's last devices only for
+            # a free worker: either way the round could end late while a worker idles.
+            if pool and (not sent[w] or (len(pool) >= self.workers and queued(w) <= min(map(queued, sent)))):
                 return "run", pool.popleft()
             return None
+
+        def queued(w: int) -> float:
+            return sum(cost(call.device) for method, call in sent[w] if method == "run")
 
         def send_more() -> None:
             for depth in range(IN_FLIGHT):  # breadth first: each worker's first request, then the next
