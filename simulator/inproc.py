@@ -189,17 +189,19 @@ class InProcessRun:
             for device_id, fit in fits:  # in the order the devices finish
                 timings["train"] += time.perf_counter() - t  # waiting for devices: parallel training
                 t = time.perf_counter()
-                arrived[device_id] = (fit, self._uplink(device_id, round_no, fit))
+                size, received = self._uplink(device_id, round_no, fit)
+                # Its entropy estimate too, while the others train (summed below in participant order).
+                arrived[device_id] = (fit, size, received, entropy_bits(received.body))
                 timings["encode"] += time.perf_counter() - t
                 t = time.perf_counter()
             timings["train_device_s"] = executor.device_s  # summed over devices: the training work
             up_entropy, up_params = 0.0, 0
             for device_id in participants:  # in participant order, whichever device finished first
-                fit, (size, received) = arrived[device_id]
+                fit, size, received, entropy = arrived[device_id]
                 uplink += size
                 if self.on_update is not None:
                     self.on_update(device_id, round_no, received.body)
-                up_entropy += entropy_bits(received.body)
+                up_entropy += entropy
                 up_params += mask_params(received.body)
                 updates.append(
                     ClientUpdate(

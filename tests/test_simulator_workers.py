@@ -93,13 +93,16 @@ def test_workers_and_ray_are_bit_identical_to_the_sequential_run(hmp_small, tmp_
 
 def test_plan_keeps_devices_where_they_are_while_the_load_allows():
     cost = {"a": 10, "b": 10, "c": 5, "d": 5}.__getitem__
-    first = plan(["a", "b", "c", "d"], cost, {}, 2)
-    assert sorted(sum(cost(d) for d in ds) for ds in first.values()) == [15, 15]
-    holder = {d: w for w, ds in first.items() for d in ds}
-    assert plan(["a", "b", "c", "d"], cost, holder, 2) == first
+    # No worker holds a device yet: all go to the pool, largest first, for whichever worker is free.
+    assigned, pool = plan(["c", "a", "d", "b"], cost, {}, 2)
+    assert assigned == {0: [], 1: []} and pool == ["a", "b", "c", "d"]
+    holder = {"a": 0, "c": 0, "b": 1, "d": 1}
+    assert plan(["a", "b", "c", "d"], cost, holder, 2) == ({0: ["a", "c"], 1: ["b", "d"]}, [])
     # Everyone held by worker 0: half the work moves to worker 1.
-    moved = plan(["a", "b", "c", "d"], cost, dict.fromkeys("abcd", 0), 2)
-    assert sorted(sum(cost(d) for d in ds) for ds in moved.values()) == [15, 15]
+    moved, pool = plan(["a", "b", "c", "d"], cost, dict.fromkeys("abcd", 0), 2)
+    assert sorted(sum(cost(d) for d in ds) for ds in moved.values()) == [15, 15] and pool == []
+    # A held device stays; a new one joins the pool.
+    assert plan(["a", "e"], {"a": 10, "e": 10}.__getitem__, {"a": 1}, 2) == ({0: [], 1: ["a"]}, ["e"])
 
 
 def test_a_failing_device_is_reported_with_device_and_round(hmp_small, tmp_path):
