@@ -25,7 +25,7 @@ import numpy as np
 
 from fedmask.protocol.mask_bases import ServerBases, plain
 from fedmask.protocol.mask_coding import CONTEXT, Base, MaskRef, mask_digest, packed_mask_digest
-from fedmask.protocol.tensor_codec import Coded, decode_coded_body
+from fedmask.protocol.tensor_codec import Coded, decode_coded_body, pack_bits
 from fedmask.storage import mask_bases as stored_masks
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def _packed(coded: Coded) -> tuple[int, bytes]:
     """(number of bits, packed bits) of a mask: as it came off the wire when it is still packed."""
     if coded.packed is not None:
         return math.prod(coded.shape), coded.packed
-    mask = np.asarray(coded.array, dtype=bool).reshape(-1)
-    return int(mask.size), np.packbits(mask, bitorder="little").tobytes()
+    return int(np.size(coded.array)), pack_bits(coded.array)
 
 
 def _base(round_no: int, num_bits: int, packed: bytes) -> Base:

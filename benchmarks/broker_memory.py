@@ -15,18 +15,15 @@ from the node's PID file; the node is started and removed by `tests/fixtures/rab
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from table import print_table
+from table import print_table, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures.rabbitmq import RabbitCluster, rabbitmq_installed
@@ -138,19 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 pid = int(Path(node.env["RABBITMQ_PID_FILE"]).read_text().strip())
                 rows.append(measure("RabbitMQ 3.10", node.url, pid, "3.1.1", args.rabbitmq_agents))
     print_table("Broker memory per idle device connection", rows, COLUMNS)
-    report = {
-        "benchmark": "broker_memory",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, "broker_memory", argv, rows=rows)
     return 0
 
 

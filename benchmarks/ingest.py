@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from table import print_table
+from table import print_table, write_report
 
 from storage import PG_ADMIN, postgres_database, sqlite_database
 
@@ -393,24 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds,
         ROUND_COLUMNS,
     )
-    report = {
-        "benchmark": "ingest",
-        "created": dt.datetime.now(UTC).isoformat(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg_admin"
-        },
-        "ingest": ingest,
-        "rounds": rounds,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, "ingest", argv, args, ingest=ingest, rounds=rounds)
     return 0
 
 

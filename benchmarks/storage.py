@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, text
-from table import print_table
+from table import print_table, write_report
 
 from fedmask.storage import RoundDetail, RoundInfo, Store
 from fedmask.storage.schema import (
@@ -407,25 +405,16 @@ def main(argv: list[str] | None = None) -> int:
     query_title = f"Queries on {args.rounds} rounds x {args.devices} devices (median of {args.repeats})"
     print_table(query_title, queries, QUERY_COLUMNS)
     print_table("Housekeeping on the same store (one run; writers wait while it runs)", prunes, PRUNE_COLUMNS)
-    report = {
-        "benchmark": "storage",
-        "created": dt.datetime.now(UTC).isoformat(),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg_admin"
-        },
-        "database_bytes_after_load": sizes,
-        "ingest": ingest,
-        "queries": queries,
-        "prune": prunes,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(
+        args.out,
+        "storage",
+        argv,
+        args,
+        database_bytes_after_load=sizes,
+        ingest=ingest,
+        queries=queries,
+        prune=prunes,
+    )
     return 0
 
 

@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from table import print_table
+from table import print_table, write_report
 
 from fedmask.aggregator.service import AggregatorService
 from fedmask.aggregator.tasks import build_task
@@ -442,21 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             ingest,
             INGEST_COLUMNS,
         )
-    report = {
-        "benchmark": "wire",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "tcp_nodelay": not args.nagle,
-        "rounds": round_rows,
-        "ingest": ingest,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, "wire", argv, tcp_nodelay=not args.nagle, rounds=round_rows, ingest=ingest)
     return 0
 
 

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import yaml
 from fixtures.broker import BrokerHandle, MqttProbe
-from fixtures.fleet import fedmask_task, poll
+from fixtures.fleet import fedmask_task, mask_update, poll
 
 from fedmask.aggregator.service import AggregatorService
 from fedmask.protocol import messages
 from fedmask.protocol.faults import ENV
-from fedmask.protocol.tensor_codec import Coded
 from fedmask.protocol.topics import Topics
 from fedmask.storage import Store
 
@@ -62,19 +61,7 @@ class Devices:
 
 
 def update(device: str, num_bits: int, seed: int) -> bytes:
-    mask = np.random.default_rng(seed).random(num_bits) < 0.5
-    return messages.encode(
-        messages.Update(
-            fleet=FLEET,
-            task_id=TASK_ID,
-            device=device,
-            round=1,
-            base_round=1,
-            num_samples=10,
-            metrics={"loss": 1.0},
-            body={"mask": Coded(mask, "bits")},
-        )
-    )
+    return mask_update(FLEET, TASK_ID, device, np.random.default_rng(seed).random(num_bits) < 0.5)
 
 
 def stored_rows(db: Path) -> collections.Counter[str]:

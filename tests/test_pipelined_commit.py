@@ -8,14 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from fixtures.fleet import fedmask_task
+from fixtures.fleet import fedmask_task, mask_update
 from sqlalchemy import select
 
 from fedmask.aggregator.round_manager import RoundManager
 from fedmask.aggregator.service import AggregatorService, CommitStalled
 from fedmask.protocol import messages
 from fedmask.protocol.errors import Rejection
-from fedmask.protocol.tensor_codec import Coded
 from fedmask.protocol.topics import Topics
 from fedmask.storage import Store, schema
 
@@ -36,18 +35,7 @@ def judge(manager: RoundManager, device: str, seed: int):
     """Decode and judge one update of ``device``; returns the decision."""
     (name, shape), *_ = manager.expected.items()
     mask = np.random.default_rng(seed).random(shape) < 0.5
-    payload = messages.encode(
-        messages.Update(
-            fleet=FLEET,
-            task_id=TASK_ID,
-            device=device,
-            round=1,
-            base_round=1,
-            num_samples=10,
-            metrics={"loss": 1.0},
-            body={name: Coded(mask, "bits")},
-        )
-    )
+    payload = mask_update(FLEET, TASK_ID, device, mask, entry=name)
     update = messages.decode(payload, messages.Update, fleet=FLEET)
     decision, _ = manager.on_update(device, update, payload, TOPICS.up(device))
     return decision
