@@ -9,7 +9,7 @@ difference per agent, and the time to connect them all. RabbitMQ's RSS includes 
 from the node's PID file; the node is started and removed by `tests/fixtures/rabbitmq.py`.
 
     flock /tmp/fedmask-bench.lock .venv/bin/python benchmarks/broker_memory.py --agents 1000
-    # RabbitMQ at --rabbitmq-agents (default 300, see the option)
+    # RabbitMQ at --rabbitmq-agents (default: as many as --agents)
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--no-rabbitmq", action="store_true", help="Mosquitto only")
-    # At 1,000 clients connecting from 10 processes, the RabbitMQ 3.10 node here closed some connections
-    # before their CONNACK (on 2 loaded cores; not investigated further): it is measured at 300.
-    parser.add_argument("--rabbitmq-agents", type=int, default=300, help="clients on the RabbitMQ node")
+    parser.add_argument(
+        "--rabbitmq-agents", type=int, default=None, help="clients on the RabbitMQ node (default: --agents)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_broker_memory.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             with RabbitCluster(1) as cluster:
                 node = cluster.nodes[0]
                 pid = int(Path(node.env["RABBITMQ_PID_FILE"]).read_text().strip())
-                rows.append(measure("RabbitMQ 3.10", node.url, pid, "3.1.1", args.rabbitmq_agents))
+                rows.append(
+                    measure("RabbitMQ 3.10", node.url, pid, "3.1.1", args.rabbitmq_agents or args.agents)
+                )
     print_table("Broker memory per idle device connection", rows, COLUMNS)
     write_report(args.out, "broker_memory", argv, rows=rows)
     return 0
