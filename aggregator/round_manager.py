@@ -147,8 +147,10 @@ class RoundManager:
         self.participants: set[str] = set()
         # device -> (presence time from the message, status): what the retained state topics say.
         self.presence: dict[str, tuple[float, str]] = {}
-        self._presence_changes = 0
-        self._needed: tuple[tuple[int, int], int] | None = None  # (participants, presence changes) -> needed
+        # Online devices that are not participants: the expected devices number len(participants) plus
+        # these, kept up to date as both change (recounting the union cost time linear in the fleet
+        # at every commit that added a participant: quadratic over a first round of lone updates).
+        self._online_elsewhere: set[str] = set()
         self.finalizing = False
         self.finalize_deadline = 0.0
         self.results: set[str] = set()
@@ -184,8 +186,8 @@ class RoundManager:
             self.known_devices.add(device.device_id)
             if device.presence is not None and device.presence_at is not None:
                 self.presence[device.device_id] = (device.presence_at.timestamp(), device.presence)
-        self._presence_changes += 1
         self.participants = self.store.task_participants(self.task.task_id)
+        self._online_elsewhere = self.online() - self.participants
         self.results = {m.device_id for m in self.store.list_models(task_id=self.task.task_id)}
         latest = self.store.latest_round(self.task.task_id)
         self.store.set_task_state(self.task.task_id, "running")
@@ -355,13 +357,15 @@ class RoundManager:
 
     def needed(self) -> int:
         """Updates that close the open round before its deadline: ``quorum``, or ``quorum_fraction``
-        of the expected devices (rounded up) when that is more. Asked for every update, so computed
-        again only when participants or presence changed (it is linear in the fleet)."""
-        key = (len(self.participants), self._presence_changes)  # participants only ever grow
-        if self._needed is None or self._needed[0] != key:
-            share = math.ceil(self.schedule.quorum_fraction * len(self.expected_devices()) - 1e-9)
-            self._needed = (key, max(self.schedule.quorum, share))
-        return self._needed[1]
+        of the expected devices (rounded up) when that is more. Asked at every commit: O(1)."""
+        expected = len(self.participants) + len(self._online_elsewhere)
+        share = math.ceil(self.schedule.quorum_fraction * expected - 1e-9)
+        return max(self.schedule.quorum, share)
+
+    def _join(self, device: str) -> None:
+        """``device`` has an accepted update of this task: a participant from now on."""
+        self.participants.add(device)
+        self._online_elsewhere.discard(device)
 
     def _close(self, closed_by: str) -> list[Outbound]:
         assert self.current is not None
@@ -422,7 +426,10 @@ class RoundManager:
         previous = self.presence.get(device)
         if previous is None or previous[0] <= at:  # the store's rule: the newest presence wins
             self.presence[device] = (at, presence.status)
-            self._presence_changes += 1
+            if presence.status == "online" and device not in self.participants:
+                self._online_elsewhere.add(device)
+            else:
+                self._online_elsewhere.discard(device)
         if (
             presence.status == "online"
             and self.finalizing
@@ -559,7 +566,7 @@ class RoundManager:
                 if stored:
                     assert self.current is not None and self.current.number == batch.round_no
                     self.current.contributors[device] = item.row.staleness
-                    self.participants.add(device)
+                    self._join(device)
                     counted = True
                 else:  # stored meanwhile (another worker, or an earlier round): judge it like any stored
                     corrections[device] = self._stored_meanwhile(device, item, batch.round_no)
@@ -619,7 +626,7 @@ class RoundManager:
             )
             if self.current is not None and round_no == self.current.number:
                 self.current.contributors.setdefault(device, self.current.number - base_round)
-            self.participants.add(device)
+            self._join(device)
             return Decision(True, None, "duplicate delivery")
         return self.reject(
             Rejection.REPLAYED_UPDATE,
