@@ -51,7 +51,7 @@ from fedmask.storage.schema import (
     Task,
     Update,
 )
-from fedmask.storage.statements import hot_statements, insert_for
+from fedmask.storage.statements import hot_statements, insert_for, insert_updates
 from fedmask.storage.types import require_utc, utcnow
 from fedmask.storage.validation import INT32_MAX, INT64_MAX
 
@@ -355,12 +355,12 @@ class Store:
         inserts = []
         for i in fresh:
             values = {k: v for k, v in rows[i].items() if k not in ("device_id", "masks", "payload")}
-            values.update(task_pk=task.pk, round_pk=round_row.id, device_pk=device_pks[i], received_at=now)
+            values["device_pk"] = device_pks[i]
             inserts.append(values)
         # RETURNING, not rowcount: drivers report -1 for an INSERT ... ON CONFLICT DO NOTHING. The unique
         # keys decide between concurrent writers: a row another writer stored meanwhile is not returned
         # (its blob stays, unreferenced, until `prune`).
-        new = set(connection.scalars(hot.insert_updates, inserts))
+        new = insert_updates(connection, task.pk, round_row.id, now, inserts)
         created = [pk in new and first[pk] == index for index, pk in enumerate(device_pks)]
         if new:
             connection.execute(hot.touch_device, [{"device_pk": pk, "now": now} for pk in new])
