@@ -420,7 +420,8 @@ class RoundManager:
                 device,
                 presence=presence.status,
                 seen_at=_utc(at),
-                capabilities=storable(presence.capabilities),
+                # An offline presence (a will) carries none: it must not erase the online one's.
+                capabilities=storable(presence.capabilities) if presence.status == "online" else None,
             )
         )
         previous = self.presence.get(device)
