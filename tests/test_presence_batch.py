@@ -166,3 +166,37 @@ def test_a_presence_judged_but_not_committed_is_delivered_again_and_stored(
         name: ("online", dt.datetime.fromtimestamp(t0 + i, UTC), {"ram_mb": i})
         for i, name in enumerate(names)
     }
+
+
+def test_without_batching_each_presence_is_committed_and_acked_in_its_handler(
+    open_mosquitto: BrokerHandle, tmp_path: Path
+) -> None:
+    """``batch_max=1`` (the baseline): a presence is its own transaction, committed before the next
+    message is looked at; a newer offline then an older online leaves the device offline."""
+    task = fedmask_task(FLEET, NUM_CLASSES, task_id=TASK_ID, rounds=1, quorum=1000, deadline_s=600.0)
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    service = AggregatorService(open_mosquitto.url(), FLEET, task, store, batch_max=1, batch_wait_s=0.0)
+    probe = MqttProbe(open_mosquitto.host, open_mosquitto.port, client_id="baseline-devices")
+    t0 = time.time() - 60
+    try:
+        service.start()
+        probe.connect()
+        probe.subscribe(f"{TOPICS.prefix}/down/+")
+        bits = service.manager.expected["mask"][0]
+        probe.publish(TOPICS.state("solo"), presence("solo", "online", t0, ram_mb=64), retain=True)
+        probe.publish(TOPICS.up("solo"), mask_update(FLEET, TASK_ID, "solo", np.ones(bits, dtype=bool)))
+        probe.publish(TOPICS.state("solo"), presence("solo", "offline", t0 + 2), retain=True)
+        probe.publish(TOPICS.state("solo"), presence("solo", "online", t0 + 1, ram_mb=64), retain=True)
+        poll(lambda: len(service.batch_sizes) == 4, 10, "four commits")
+        poll(lambda: directives(probe), 10, "the update's receipt")
+    finally:
+        service.stop()
+        probe.close()
+    assert service.batch_sizes == [1, 1, 1, 1]
+    assert [d.kind for _, d in directives(probe)] == ["receipt"]
+    (device,) = store.list_devices(FLEET)
+    assert (device.presence, device.presence_at) == ("offline", dt.datetime.fromtimestamp(t0 + 2, UTC))
+    assert (device.capabilities, device.updates) == ({"ram_mb": 64}, 1)
+    assert service.manager.presence["solo"] == (t0 + 2, "offline")
+    store.close()
