@@ -9,11 +9,11 @@ is open has staleness ``r - b``; it counts in round ``r`` weighted by ``(1 + sta
 *before* the caller acknowledges the message to the broker, so a crash loses nothing and a redelivered
 message is recognised (idempotent by task, round, device, and by task, device, base round across rounds).
 
-Group commit: ``on_update`` and ``reject`` decide at once but only add to a pending batch; ``commit``
-writes the batch in one transaction, and only then are its decisions final and may the caller ack and
-answer the messages. Anything else that writes (presence, results, ticks, opening and closing rounds)
-needs an empty batch: the caller commits first (``must_commit`` says when a batch must close early, at
-the quorum).
+Group commit: ``on_update``, ``on_presence`` and ``reject`` decide at once but only add to a pending
+batch; ``commit`` writes the batch in one transaction, and only then are its decisions final and may the
+caller ack and answer the messages. Anything else that writes (results, ticks, opening and closing
+rounds) needs an empty batch: the caller commits first (``must_commit`` says when a batch must close
+early, at the quorum).
 
 Pipelined commit: ``commit`` is ``take`` (the pending batch becomes the one committing), ``write`` (the
 store transaction, which touches no state of the manager, so the caller may run it without its lock) and
@@ -41,7 +41,7 @@ from fedmask.protocol.errors import BENIGN_REJECTIONS, ProtocolError, Rejection
 from fedmask.protocol.staleness import staleness_weight
 from fedmask.protocol.tensor_codec import decode_coded_body, encode_body
 from fedmask.protocol.topics import Topics
-from fedmask.storage.records import NewRejection, NewUpdate
+from fedmask.storage.records import NewPresence, NewRejection, NewUpdate
 from fedmask.strategies import ClientUpdate, ServerHalf, TaskSpec, get_strategy
 
 logger = logging.getLogger(__name__)
@@ -97,9 +97,10 @@ class PendingBatch:
     round_no: int | None = None  # the open round every pending update goes to
     updates: dict[str, PendingUpdate] = field(default_factory=dict)  # by device
     rejections: list[NewRejection] = field(default_factory=list)
+    presences: list[NewPresence] = field(default_factory=list)  # written first, in arrival order
 
     def __len__(self) -> int:
-        return len(self.updates) + len(self.rejections)
+        return len(self.updates) + len(self.rejections) + len(self.presences)
 
 
 def _utc(ts: float) -> datetime:
@@ -408,20 +409,24 @@ class RoundManager:
     # ----- inbound -----------------------------------------------------------------------------
 
     def on_presence(self, device: str, presence: messages.Presence) -> list[Outbound]:
-        """Record a presence at the time the message carries, not when it arrived: a retained presence
-        replayed to a restarted aggregator is old news. A participant coming online while the task is
-        finalizing without its result is sent the finalize directive again (it may have consumed the
-        first one and crashed, or the broker may have lost it)."""
-        self._require_committed()
+        """Judge a presence at the time the message carries, not when it arrived: a retained presence
+        replayed to a restarted aggregator is old news. It counts at once (the device is known, an
+        update after it in the same batch is accepted) and is stored by the next ``commit``, before the
+        batch's updates. A participant coming online while the task is finalizing without its result
+        is sent the finalize directive again (it may have consumed the first one and crashed, or the
+        broker may have lost it): returned, to publish after the commit."""
         self.known_devices.add(device)
         now = self.clock()
         at = min(presence.at, now) if presence.at > 0 else now
-        self.store.upsert_device(
-            self.fleet,
-            device,
-            capabilities=presence.capabilities,
-            presence=presence.status,
-            seen_at=_utc(at),
+        self.pending.presences.append(
+            NewPresence(
+                self.fleet,
+                device,
+                presence=presence.status,
+                seen_at=_utc(at),
+                # An offline presence (a will) carries none: it must not erase the online one's.
+                capabilities=storable(presence.capabilities) if presence.status == "online" else None,
+            )
         )
         previous = self.presence.get(device)
         if previous is None or previous[0] <= at:  # the store's rule: the newest presence wins
@@ -548,10 +553,14 @@ class RoundManager:
     def write(self, batch: PendingBatch) -> list[bool]:
         """The batch's one transaction. Reads and writes only the store: safe without the caller's lock."""
         items = list(batch.updates.values())
-        if not items and not batch.rejections:
+        if not items and not batch.rejections and not batch.presences:
             return []
         return self.store.record_batch(
-            self.task.task_id, batch.round_no, [item.row for item in items], batch.rejections
+            self.task.task_id,
+            batch.round_no,
+            [item.row for item in items],
+            batch.rejections,
+            presences=batch.presences,
         )
 
     def settle(self, batch: PendingBatch, created: list[bool]) -> tuple[dict[str, Decision], list[Outbound]]:
@@ -725,6 +734,17 @@ class RoundManager:
         self.results.add(device)
         self._check_done()
         return Decision(True)
+
+
+def storable(value: Any) -> Any:
+    """Capabilities as JSON can hold them: bytes (a device's consensus digest) as hex."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: storable(item) for key, item in value.items()}
+    return value
 
 
 def stored_body(payload: bytes) -> dict[str, np.ndarray]:

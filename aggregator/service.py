@@ -10,6 +10,10 @@ and waits in a batch; a batch is committed to the store in one transaction when 
 the round's quorum. Only then are its messages acknowledged to the broker and answered with a
 ``receipt`` (or ``rejected``) directive: nothing is acked or receipted before it is durable, and a
 crash before the commit leaves every message of the batch unacked, so the broker delivers it again.
+Presence messages join the same batches (acked after the commit, no receipt): their devices are written
+in the batch's transaction, before its updates, so a reconnection storm costs a few transactions, not
+one per device; what a presence calls for (a finalize directive, an announcement copy) is published
+after the commit.
 Pipelined: the flusher thread writes a batch without holding the lock, while the next batch is judged
 (against both: a twin or a replay of a committing update is recognised); it retakes the lock to count,
 ack and answer. Anything else that writes waits for that commit first. So under load a batch grows to
@@ -295,38 +299,48 @@ class AggregatorService:
 
     def _on_state(self, message: ReceivedMessage) -> None:
         with self._lock:
-            self._flush()  # presence is written at once: the batch before it first
             try:
-                device = self.topics.parse(message.topic).device
-                if message.payload:  # an empty retained message clears a presence
-                    presence = messages.decode(message.payload, messages.Presence, fleet=self.fleet)
-                    if presence.device != device:
-                        raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
-                    outbound = self.manager.on_presence(device, presence)
-                    if presence.status == "online":  # (an offline will carries no capabilities)
-                        self.bases.on_presence(device, presence.capabilities)
-                        self._send_copy(device)
-            except ProtocolError as exc:
-                self.manager.reject(
-                    exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
-                )
-                outbound = []
-            self._flush()
-            self.connection.ack(message)
-            self._publish(outbound)
+                self._handle_state(message)
+            except Exception:
+                logger.exception("failed to handle a message on %s", message.topic)
+                self.connection.ack(message)
+            self._after_judging()
 
-    def _send_copy(self, device: str) -> None:
+    def _handle_state(self, message: ReceivedMessage) -> None:
+        """A presence joins the batch like an update: judged now, its device written with the batch,
+        acked after the commit; what it calls for (a finalize directive, an announcement copy) is
+        published after the commit too."""
+        if not message.payload:  # an empty retained message clears a presence: nothing to store
+            self.connection.ack(message)
+            return
+        waiting = _Waiting(message, time.perf_counter())
+        try:
+            device = self.topics.parse(message.topic).device
+            presence = messages.decode(message.payload, messages.Presence, fleet=self.fleet)
+            if presence.device != device:
+                raise ProtocolError(Rejection.DEVICE_MISMATCH, f"presence for {presence.device!r}")
+            self._outbound.extend(self.manager.on_presence(device, presence))
+            if presence.status == "online":  # (an offline will carries no capabilities)
+                self.bases.on_presence(device, presence.capabilities)
+                self._outbound.extend(self._copy_for(device))
+        except ProtocolError as exc:
+            self.manager.reject(
+                exc.reason, exc.detail, device=None, topic=message.topic, size=len(message.payload)
+            )
+        self._wait_for_commit(waiting)
+
+    def _copy_for(self, device: str) -> list[Outbound]:
         """A device that cannot decode the retained announcement (it lacks its base) gets its own copy,
-        coded against the consensus it holds or in full, on its downlink."""
+        coded against the consensus it holds or in full, on its downlink (none if it needs none)."""
         manager = self.manager
         if manager.finalizing:
             round_no, deadline = manager.schedule.rounds + 1, manager.finalize_deadline
         elif manager.current is not None:
             round_no, deadline = manager.current.number, manager.current.deadline
         else:
-            return
+            return []
         if not self.bases.needs_copy(device, round_no):
-            return
+            return []
         copy = messages.RoundAnnouncement(
             fleet=self.fleet,
             task_id=manager.task.task_id,
@@ -339,7 +353,7 @@ class AggregatorService:
         self.copy_wire_bytes[round_no] = self.copy_wire_bytes.get(round_no, 0) + wire_size(
             payload, self.max_payload
         )
-        self._publish([Outbound(self.topics.down(device), payload)])
+        return [Outbound(self.topics.down(device), payload)]
 
     def _on_up(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -349,14 +363,18 @@ class AggregatorService:
                 # Never let one message stop the service; it is acked so it cannot wedge the session.
                 logger.exception("failed to handle a message on %s", message.topic)
                 self.connection.ack(message)
-            if self.manager.must_commit() or (self.batch_max == 1 and self._waiting):
-                self._flush()
-            elif len(self._waiting) >= self.batch_max:
-                # A full batch: the flusher takes it once the previous commit is done; judging waits
-                # until then, so a batch never holds more than ``batch_max`` messages.
-                self._batch_due.notify_all()
-                while len(self._waiting) >= self.batch_max and not self._stop.is_set():
-                    self._batch_due.wait(1.0)
+            self._after_judging()
+
+    def _after_judging(self) -> None:
+        """Commit now (the quorum, or batching off), or hold judging while the batch is full."""
+        if self.manager.must_commit() or (self.batch_max == 1 and self._waiting):
+            self._flush()
+        elif len(self._waiting) >= self.batch_max:
+            # A full batch: the flusher takes it once the previous commit is done; judging waits
+            # until then, so a batch never holds more than ``batch_max`` messages.
+            self._batch_due.notify_all()
+            while len(self._waiting) >= self.batch_max and not self._stop.is_set():
+                self._batch_due.wait(1.0)
 
     def _wait_for_commit(self, waiting: _Waiting) -> None:
         if not self._waiting:

@@ -16,10 +16,19 @@
    from the store, decode, aggregate, store the aggregate) and announce (open round 2, code its
    announcement, publish it and wait for the PUBACK), both over the real store and broker.
 
+3. Presence storm (``--presence-storm N``, instead of 1 and 2): a reconnection storm, as after a broker
+   restart. N registered devices (stored offline) each publish one retained online ``Presence`` from the
+   publisher process (P connections); timed from the first publish until the store shows all N online
+   (the publisher process polls the database every 10 ms). Reported: presences/s, the aggregator
+   process's CPU ms per presence, and its batches (``service.batch_sizes``, empty for an aggregator
+   that commits presences one at a time). Only the aggregator's public API is used, so the script also
+   measures another checkout: run it with that tree's interpreter.
+
 Prints a table, writes JSON. Run it under the shared CPU lock:
 
     flock /tmp/fedmask-bench.lock .venv/bin/python benchmarks/ingest.py
     .venv/bin/python benchmarks/ingest.py --engines sqlite --quick
+    flock /tmp/fedmask-bench.lock .venv/bin/python benchmarks/ingest.py --presence-storm 1000 --repeats 3
 """
 
 from __future__ import annotations
@@ -136,6 +145,82 @@ def publish_all(
     pipe.send((elapsed if finished else None, answered["receipt"], answered["rejected"], cpu))
 
 
+def storm_publish(host: str, port: int, fleet: str, url: str, devices: int, publishers: int, pipe) -> None:
+    """Child process: connect, say ready, wait for go, publish one retained online presence per device,
+    then poll the store until all are online; sends back (seconds from first publish to the last one
+    stored or None, presences stored, this process's CPU seconds)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from sqlalchemy import func, select
+
+    from fedmask.protocol import messages
+    from fedmask.protocol.topics import Topics
+    from fedmask.storage import Store
+    from fedmask.storage.schema import Device, Fleet
+
+    topics = Topics(fleet)
+    names = [f"dev-{index:05d}" for index in range(devices)]
+    capabilities = {"mask_codings": ["bits", "mctx"], "consensus": None}  # what an agent sends
+    at = time.time()  # after the devices were registered offline: every presence is newer
+    payloads = {
+        name: messages.encode(
+            messages.Presence(fleet=fleet, device=name, status="online", at=at, capabilities=capabilities)
+        )
+        for name in names
+    }
+
+    def client(name: str) -> mqtt.Client:
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5
+        )
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.connect(host, port)
+        c.loop_start()
+        return c
+
+    senders = [client(f"{fleet}-device-{i}") for i in range(publishers)]
+    online = (
+        select(func.count(Device.id))
+        .join(Fleet, Fleet.id == Device.fleet_pk)
+        .where(Fleet.name == fleet, Device.presence == "online")
+    )
+    store = Store(url)
+    time.sleep(0.5)  # CONNACKs
+    pipe.send("ready")
+    pipe.recv()
+
+    def send(index: int) -> None:
+        infos = [
+            senders[index].publish(topics.state(d), payloads[d], qos=1, retain=True)
+            for d in names[index::publishers]
+        ]
+        for info in infos:
+            info.wait_for_publish(120)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(publishers)]
+    cpu = time.process_time()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    elapsed, stored = None, 0
+    while time.perf_counter() - started < 300:
+        with store.engine.connect() as connection:
+            stored = connection.scalar(online)
+        if stored >= devices:
+            elapsed = time.perf_counter() - started
+            break
+        time.sleep(0.01)
+    cpu = time.process_time() - cpu
+    for thread in threads:
+        thread.join(10)
+    for c in senders:
+        c.disconnect()
+        c.loop_stop()
+    store.close()
+    pipe.send((elapsed, stored, cpu))
+
+
 # -- the aggregator's side: this process ----------------------------------------------------------------
 
 
@@ -149,7 +234,7 @@ def hmp_task(fleet: str, task_id: str, quorum: int, rounds: int):
     )
 
 
-def register(store, fleet: str, devices: list[str]) -> None:
+def register(store, fleet: str, devices: list[str], presence: str = "online") -> None:
     """Devices known to the store, as after their presence messages (one bulk insert: set-up, not
     measured)."""
     from sqlalchemy import insert
@@ -161,7 +246,7 @@ def register(store, fleet: str, devices: list[str]) -> None:
         fleet_pk = connection.execute(
             insert(Fleet).values(name=fleet, created_at=now).returning(Fleet.id)
         ).scalar_one()
-        seen = {"presence": "online", "presence_at": now, "first_seen_at": now, "last_seen_at": now}
+        seen = {"presence": presence, "presence_at": now, "first_seen_at": now, "last_seen_at": now}
         connection.execute(insert(Device), [{"fleet_pk": fleet_pk, "device_id": d, **seen} for d in devices])
 
 
@@ -240,6 +325,91 @@ def run_fleet(
         "aggregate_ms": timing.aggregate_s * 1e3 if timing and timing.aggregate_s else None,
         "announce_ms": announce_ms,
     }
+
+
+def run_storm(
+    broker, url: str, name: str, devices: int, *, batch_max: int, batch_wait_s: float, publishers: int
+):
+    """One aggregator on a fresh store with ``devices`` devices stored offline; each comes online."""
+    from fedmask.aggregator.service import AggregatorService
+    from fedmask.storage import Store
+
+    fleet = f"{FLEET}-{name}"
+    task = hmp_task(fleet, f"task-{name}", quorum=devices + 1, rounds=2)
+    with Store(url) as store:
+        store.upgrade()
+        register(store, fleet, [f"dev-{index:05d}" for index in range(devices)], presence="offline")
+        service = AggregatorService(
+            broker.url, fleet, task, store, batch_max=batch_max, batch_wait_s=batch_wait_s
+        ).start()
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        child = context.Process(
+            target=storm_publish,
+            args=(broker.host, broker.port, fleet, url, devices, publishers, theirs),
+        )
+        child.start()
+        try:
+            if not ours.poll(60):
+                raise TimeoutError("the publisher process did not connect within 60 s")
+            ours.recv()
+            cpu = time.process_time()  # every thread of this process: the aggregator's CPU
+            ours.send("go")
+            if not ours.poll(330):
+                raise TimeoutError("the publisher process did not report within 330 s")
+            elapsed, stored, publisher_cpu = ours.recv()
+            cpu = time.process_time() - cpu
+        finally:
+            child.join(30)
+            service.stop()
+        if elapsed is None:
+            raise RuntimeError(f"{name}: {stored} of {devices} presences stored")
+    sizes = getattr(service, "batch_sizes", [])
+    return {
+        "presences_per_s": devices / elapsed,
+        "cpu_ms_per_presence": cpu * 1e3 / devices,
+        "publisher_cpu_ms_per_presence": publisher_cpu * 1e3 / devices,
+        "batches": len(sizes),
+        "median_batch": statistics.median(sizes) if sizes else 0,
+    }
+
+
+def storm_rows(broker, engine: str, args) -> list[dict[str, Any]]:
+    runs = []
+    for repeat in range(args.repeats):
+        database = sqlite_database() if engine == "sqlite" else postgres_database(args.pg_admin)
+        with database as url:
+            print(
+                f"[{engine}] presence storm, repeat {repeat + 1}: {args.presence_storm} devices ...",
+                file=sys.stderr,
+            )
+            runs.append(
+                run_storm(
+                    broker,
+                    url,
+                    f"{engine}-storm-{repeat}",
+                    args.presence_storm,
+                    batch_max=args.batch_max,
+                    batch_wait_s=args.batch_wait_ms / 1e3,
+                    publishers=args.publishers,
+                )
+            )
+    return [
+        {
+            "engine": engine,
+            "devices": args.presence_storm,
+            "repeats": args.repeats,
+            "presences_per_s": statistics.median(r["presences_per_s"] for r in runs),
+            "all_presences_per_s": [round(r["presences_per_s"], 1) for r in runs],
+            "cpu_ms_per_presence": statistics.median(r["cpu_ms_per_presence"] for r in runs),
+            "all_cpu_ms_per_presence": [round(r["cpu_ms_per_presence"], 2) for r in runs],
+            "publisher_cpu_ms_per_presence": statistics.median(
+                r["publisher_cpu_ms_per_presence"] for r in runs
+            ),
+            "batches": statistics.median(r["batches"] for r in runs),
+            "median_batch": statistics.median(r["median_batch"] for r in runs),
+        }
+    ]
 
 
 def ingest_rows(broker, engine: str, args) -> list[dict[str, Any]]:
@@ -338,6 +508,16 @@ INGEST_COLUMNS = [
     ("publisher_cpu_ms_per_update", "PUBLISHER", "{:.2f}"),
     ("broker_cpu_ms_per_update", "MOSQUITTO", "{:.2f}"),
 ]
+STORM_COLUMNS = [
+    ("engine", "ENGINE", "{}"),
+    ("devices", "DEVICES", "{}"),
+    ("presences_per_s", "PRESENCES/S", "{:.0f}"),
+    ("all_presences_per_s", "RUNS", "{}"),
+    ("cpu_ms_per_presence", "AGGREGATOR CPU MS/PRESENCE", "{:.2f}"),
+    ("publisher_cpu_ms_per_presence", "PUBLISHER", "{:.2f}"),
+    ("batches", "BATCHES", "{:g}"),
+    ("median_batch", "MEDIAN BATCH", "{:g}"),
+]
 ROUND_COLUMNS = [
     ("engine", "ENGINE", "{}"),
     ("devices", "DEVICES", "{}"),
@@ -363,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000], help="round sizes")
     parser.add_argument("--round-repeats", type=int, default=3)
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="psycopg conninfo allowed to CREATE DATABASE")
+    parser.add_argument(
+        "--presence-storm", type=int, metavar="N", help="only a reconnection storm of N devices' presences"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_ingest.json"))
     args = parser.parse_args(argv)
@@ -371,15 +554,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fedmask.broker_config.embedded import EmbeddedBroker
 
-    ingest, rounds = [], []
+    ingest, rounds, storms = [], [], []
     with (
         tempfile.TemporaryDirectory(prefix="fedmask-ingest-") as folder,
         EmbeddedBroker(workdir=Path(folder) / "broker", backend="mosquitto") as broker,
     ):
         for engine in args.engines:
+            if args.presence_storm:
+                storms += storm_rows(broker, engine, args)
+                continue
             ingest += ingest_rows(broker, engine, args)
             rounds += round_rows(broker, engine, args)
 
+    if args.presence_storm:
+        print_table(
+            f"Presence storm over Mosquitto: {args.presence_storm} devices come online, {args.publishers} "
+            f"publisher connections (median of {args.repeats})",
+            storms,
+            STORM_COLUMNS,
+        )
+        write_report(args.out, "presence_storm", argv, args, storms=storms)
+        return 0
     print_table(
         f"Aggregator ingest over Mosquitto: ~9.8 KB FedMask updates, {args.publishers} publisher connections "
         f"(median of {args.repeats})",

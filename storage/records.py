@@ -195,3 +195,16 @@ class NewRejection:
     device_id: str | None = None
     topic: str | None = None
     payload_size: int | None = None
+
+
+@dataclass(frozen=True)
+class NewPresence:
+    """A device seen (``Store.record_batch``), with the rules of ``Store.upsert_device``: ``seen_at``
+    (default now) only moves last-seen forward, the presence with the latest ``seen_at`` wins (the later
+    one in the batch on a tie), ``capabilities`` replace the stored ones when given."""
+
+    fleet: str
+    device_id: str
+    presence: str | None = None
+    seen_at: dt.datetime | None = None
+    capabilities: dict[str, Any] | None = None

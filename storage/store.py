@@ -12,13 +12,15 @@ One transaction per call; large bytes go to the content-addressed ``blobs`` tabl
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, case, func, select, tuple_, update
 from sqlalchemy.engine import URL
+from sqlalchemy.sql.dml import Insert
 
 from fedmask.storage import housekeeping, mask_bases, migrate, queries, validation
 from fedmask.storage.blobs import put_blob, read_blob, sha256_hex, verified
@@ -30,6 +32,7 @@ from fedmask.storage.records import (
     ExportFormat,
     ModelInfo,
     ModelOrder,
+    NewPresence,
     NewRejection,
     NewUpdate,
     RoundDetail,
@@ -51,7 +54,7 @@ from fedmask.storage.schema import (
     Task,
     Update,
 )
-from fedmask.storage.statements import hot_statements, insert_for, insert_updates
+from fedmask.storage.statements import dialect_insert, hot_statements, insert_for, insert_updates
 from fedmask.storage.types import require_utc, utcnow
 from fedmask.storage.validation import INT32_MAX, INT64_MAX
 
@@ -198,39 +201,11 @@ class Store:
         seen_at: dt.datetime | None = None,
     ) -> None:
         """Create or refresh a device. ``seen_at`` (default now) only ever moves last-seen forward; the
-        presence observed latest wins, so a late-delivered old presence message cannot overwrite it."""
-        validation.name(fleet, "fleet")
-        validation.name(device_id, "device_id")
-        if capabilities is not None:
-            capabilities = validation.json_document(capabilities, "capabilities")
-        if presence is not None:
-            validation.name(presence, "presence", 32)
-        seen = utcnow() if seen_at is None else require_utc(seen_at, "seen_at")
-        with write_transaction(self._engine) as connection:
-            fleet_pk = self._fleet_pk(connection, fleet, utcnow())
-            insert = insert_for(connection, Device).values(
-                fleet_pk=fleet_pk,
-                device_id=device_id,
-                capabilities=capabilities,
-                presence=presence,
-                presence_at=seen if presence is not None else None,
-                first_seen_at=seen,
-                last_seen_at=seen,
-            )
-            new = insert.excluded
-            changes: dict[str, Any] = {
-                "first_seen_at": _earlier(Device.first_seen_at, new.first_seen_at),
-                "last_seen_at": _later(Device.last_seen_at, new.last_seen_at),
-            }
-            if capabilities is not None:
-                changes["capabilities"] = new.capabilities
-            if presence is not None:
-                newer = Device.presence_at.is_(None) | (Device.presence_at <= new.presence_at)
-                changes["presence"] = case((newer, new.presence), else_=Device.presence)
-                changes["presence_at"] = case((newer, new.presence_at), else_=Device.presence_at)
-            connection.execute(
-                insert.on_conflict_do_update(index_elements=[Device.fleet_pk, Device.device_id], set_=changes)
-            )
+        presence observed latest wins, so a late-delivered old presence message cannot overwrite it.
+        Capabilities replace the stored ones when given. (The aggregator writes presences with its
+        batches instead: ``record_batch(presences=...)``, the same rules.)"""
+        seen = NewPresence(fleet, device_id, presence=presence, seen_at=seen_at, capabilities=capabilities)
+        self.record_batch(None, None, presences=[seen])
 
     # -- rounds and updates --------------------------------------------------------------------------
 
@@ -285,10 +260,13 @@ class Store:
         round_no: int | None,
         updates: Sequence[NewUpdate] = (),
         rejections: Sequence[NewRejection] = (),
+        presences: Sequence[NewPresence] = (),
     ) -> list[bool]:
-        """Store accepted updates of one round and refused messages in ONE committed transaction (the
-        aggregator's group commit); per update, True if stored, False if it already was (as
-        :meth:`record_update`, whose rules each update follows; a device named twice is stored once).
+        """Store accepted updates of one round, refused messages and devices seen (presences) in ONE
+        committed transaction (the aggregator's group commit); per update, True if stored, False if it
+        already was (as :meth:`record_update`, whose rules each update follows; a device named twice is
+        stored once). Presences follow the rules of :meth:`upsert_device`, in the order given, and are
+        written first: an update from a device first seen in the same batch finds its row.
 
         All or nothing: a closed round (``RoundClosedError``) or a bad value stores none of them.
         """
@@ -297,13 +275,15 @@ class Store:
             if task_id is None or round_no is None:
                 raise ValueError("record_batch: updates need their task_id and round_no")
             validation.integer(round_no, "round_no", minimum=0, maximum=INT32_MAX)
+        now = utcnow()
         rows = [_update_values(update) for update in updates]
         rejected = [_rejection_values(rejection) for rejection in rejections]
-        if not rows and not rejected:
+        devices = _device_values(presences, now)
+        if not rows and not rejected and not devices:
             return []
-        now = utcnow()
         with write_transaction(self._engine) as connection:
-            created = self._insert_updates(connection, task_id, round_no, rows, now) if rows else []
+            seen = self._upsert_devices(connection, devices, now) if devices else set()
+            created = self._insert_updates(connection, task_id, round_no, rows, now, seen) if rows else []
             if rejected:
                 for row in rejected:
                     row["fleet_pk"] = self._fleet_pk(connection, row.pop("fleet"), now)
@@ -318,10 +298,12 @@ class Store:
         round_no: int,
         rows: list[dict[str, Any]],
         now: dt.datetime,
+        seen: set[tuple[int, str]],
     ) -> list[bool]:
         hot = hot_statements(connection.dialect.name)
         task = self._task(connection, task_id)
-        device_pks = self._device_pks_of(connection, task.fleet_pk, [row["device_id"] for row in rows], now)
+        device_ids = [row["device_id"] for row in rows]
+        device_pks = self._device_pks_of(connection, task.fleet_pk, device_ids, now, uncommitted=seen)
         round_row = connection.execute(
             hot.round_state, {"task_pk": task.pk, "round_no": round_no}
         ).one_or_none()
@@ -368,6 +350,20 @@ class Store:
         if bases:
             mask_bases.replace_masks(connection, task.pk, bases, now)
         return created
+
+    def _upsert_devices(
+        self, connection: Connection, devices: list[dict[str, Any]], now: dt.datetime
+    ) -> set[tuple[int, str]]:
+        """Write the batch's devices (``_device_values``: one row each), one executemany per kind of
+        row; returns their (fleet_pk, device_id), rows this transaction may have created."""
+        kinds: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+        for given in devices:
+            row = {key: value for key, value in given.items() if key != "fleet"}
+            row["fleet_pk"] = self._fleet_pk(connection, given["fleet"], now)
+            kinds.setdefault((row["capabilities"] is not None, row["presence"] is not None), []).append(row)
+        for (capabilities, presence), rows in kinds.items():
+            connection.execute(_device_upsert(connection.dialect.name, capabilities, presence), rows)
+        return {(row["fleet_pk"], row["device_id"]) for rows in kinds.values() for row in rows}
 
     def record_rejection(
         self,
@@ -712,18 +708,29 @@ class Store:
         return ref
 
     def _device_pks_of(
-        self, connection: Connection, fleet_pk: int, device_ids: list[str], now: dt.datetime
+        self,
+        connection: Connection,
+        fleet_pk: int,
+        device_ids: list[str],
+        now: dt.datetime,
+        *,
+        uncommitted: Container[tuple[int, str]] = (),
     ) -> list[int]:
-        """``_device_pk`` of many devices: one query for those not cached (a fleet's first round)."""
+        """``_device_pk`` of many devices: one query for those not cached (a fleet's first round).
+        ``uncommitted``: devices this transaction wrote (a batch's presences): read, not cached."""
         missing = sorted({d for d in device_ids if (fleet_pk, d) not in self._device_pks})
+        found: dict[str, int] = {}
         if missing:
             for device_id, pk in connection.execute(
                 select(Device.device_id, Device.id).where(
                     Device.fleet_pk == fleet_pk, Device.device_id.in_(missing)
                 )
             ):
-                self._device_pks[(fleet_pk, device_id)] = pk
-        return [self._device_pk(connection, fleet_pk, d, now) for d in device_ids]
+                if (fleet_pk, device_id) in uncommitted:
+                    found[device_id] = pk
+                else:
+                    self._device_pks[(fleet_pk, device_id)] = pk
+        return [found[d] if d in found else self._device_pk(connection, fleet_pk, d, now) for d in device_ids]
 
     def _device_pk(self, connection: Connection, fleet_pk: int, device_id: str, now: dt.datetime) -> int:
         key = (fleet_pk, device_id)
@@ -752,6 +759,61 @@ def _earlier(stored: Any, given: Any) -> Any:
 
 def _later(stored: Any, given: Any) -> Any:
     return case((given > stored, given), else_=stored)
+
+
+@functools.cache
+def _device_upsert(dialect_name: str, capabilities: bool, presence: bool) -> Insert:
+    """The INSERT ... ON CONFLICT DO UPDATE of ``upsert_device``'s rules, for rows with or without
+    capabilities and presence (executemany binds values only: one statement per kind)."""
+    insert = dialect_insert(dialect_name, Device)
+    new = insert.excluded
+    changes: dict[str, Any] = {
+        "first_seen_at": _earlier(Device.first_seen_at, new.first_seen_at),
+        "last_seen_at": _later(Device.last_seen_at, new.last_seen_at),
+    }
+    if capabilities:
+        changes["capabilities"] = new.capabilities
+    if presence:
+        newer = Device.presence_at.is_(None) | (Device.presence_at <= new.presence_at)
+        changes["presence"] = case((newer, new.presence), else_=Device.presence)
+        changes["presence_at"] = case((newer, new.presence_at), else_=Device.presence_at)
+    return insert.on_conflict_do_update(index_elements=[Device.fleet_pk, Device.device_id], set_=changes)
+
+
+def _device_values(presences: Sequence[NewPresence], now: dt.datetime) -> list[dict[str, Any]]:
+    """The presences checked (bad values raise before anything is written) and merged into one row per
+    device by ``upsert_device``'s rules, in order: earliest first-seen, latest last-seen, the presence
+    with the latest time (the later one on a tie), the last capabilities given."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for given in presences:
+        fleet = validation.name(given.fleet, "fleet")
+        device_id = validation.name(given.device_id, "device_id")
+        capabilities = given.capabilities
+        if capabilities is not None:
+            capabilities = validation.json_document(capabilities, "capabilities")
+        presence = given.presence
+        if presence is not None:
+            validation.name(presence, "presence", 32)
+        seen = now if given.seen_at is None else require_utc(given.seen_at, "seen_at")
+        row = merged.get((fleet, device_id))
+        if row is None:
+            merged[(fleet, device_id)] = {
+                "fleet": fleet,
+                "device_id": device_id,
+                "capabilities": capabilities,
+                "presence": presence,
+                "presence_at": seen if presence is not None else None,
+                "first_seen_at": seen,
+                "last_seen_at": seen,
+            }
+            continue
+        row["first_seen_at"] = min(row["first_seen_at"], seen)
+        row["last_seen_at"] = max(row["last_seen_at"], seen)
+        if capabilities is not None:
+            row["capabilities"] = capabilities
+        if presence is not None and (row["presence_at"] is None or row["presence_at"] <= seen):
+            row["presence"], row["presence_at"] = presence, seen
+    return list(merged.values())
 
 
 def _update_values(update: NewUpdate) -> dict[str, Any]:

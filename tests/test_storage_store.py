@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from fedmask.storage import RoundClosedError, StorageError, Store
+from fedmask.storage import NewPresence, NewUpdate, RoundClosedError, StorageError, Store
 from fedmask.storage.schema import Blob, Device, Update
 
 UTC = dt.timezone.utc
@@ -199,6 +199,98 @@ def test_upsert_device_keeps_the_newest_observation(store: Store) -> None:
     assert device.capabilities == {"ram_mb": 4096}  # not given again, so kept
     store.upsert_device(FLEET, "jetson-1", capabilities={"ram_mb": 8192})
     assert store.list_devices(FLEET)[0].capabilities == {"ram_mb": 8192}
+
+
+def seen(device: str, presence: str | None, at: dt.datetime, **capabilities: object) -> NewPresence:
+    return NewPresence(FLEET, device, presence=presence, seen_at=at, capabilities=capabilities or None)
+
+
+def test_record_batch_presences_keep_the_newest_observation(store: Store) -> None:
+    """The rules of upsert_device, within one batch (merged) and across batches (in SQL)."""
+    add_task(store)
+    t0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    minutes = [t0 + dt.timedelta(minutes=m) for m in range(10)]
+    store.record_batch(
+        None,
+        None,
+        presences=[
+            seen("a", "online", minutes[5], ram_mb=4096),
+            seen("a", "offline", minutes[2]),  # older, delivered later: must not win
+            seen("b", "online", minutes[3]),
+            seen("b", "offline", minutes[3]),  # a tie: the later one wins
+            seen("c", "offline", minutes[4]),
+            seen("c", "online", minutes[6], ram_mb=1),
+        ],
+    )
+    devices = {d.device_id: d for d in store.list_devices(FLEET)}
+    assert (devices["a"].presence, devices["a"].presence_at) == ("online", minutes[5])
+    assert (devices["a"].first_seen_at, devices["a"].last_seen_at) == (minutes[2], minutes[5])
+    assert devices["a"].capabilities == {"ram_mb": 4096}
+    assert (devices["b"].presence, devices["b"].presence_at) == ("offline", minutes[3])
+    assert (devices["c"].presence, devices["c"].capabilities) == ("online", {"ram_mb": 1})
+    store.record_batch(
+        None,
+        None,
+        presences=[
+            seen("a", "offline", minutes[4]),  # older than the stored one: last-seen and presence stay
+            seen("b", "online", minutes[1], ram_mb=2),  # older, but capabilities given replace
+            seen("c", "offline", minutes[9]),  # newer: wins, capabilities not given stay
+            seen("d", None, minutes[7]),  # seen without a presence
+        ],
+    )
+    devices = {d.device_id: d for d in store.list_devices(FLEET)}
+    assert (devices["a"].presence, devices["a"].presence_at, devices["a"].last_seen_at) == (
+        "online",
+        minutes[5],
+        minutes[5],
+    )
+    assert (devices["b"].presence, devices["b"].presence_at) == ("offline", minutes[3])
+    assert (devices["b"].first_seen_at, devices["b"].capabilities) == (minutes[1], {"ram_mb": 2})
+    assert (devices["c"].presence, devices["c"].presence_at) == ("offline", minutes[9])
+    assert devices["c"].capabilities == {"ram_mb": 1}
+    assert (devices["d"].presence, devices["d"].presence_at, devices["d"].last_seen_at) == (
+        None,
+        None,
+        minutes[7],
+    )
+
+
+def new_update(device: str, payload: bytes) -> NewUpdate:
+    return NewUpdate(device, 0, 0, 1.0, 32, payload, {"loss": 0.5})
+
+
+def test_record_batch_writes_presences_before_updates(ready: Store) -> None:
+    """A device first seen in a batch has its row (and its presence) for its update in the same batch."""
+    at = dt.datetime.now(UTC) - dt.timedelta(minutes=1)
+    created = ready.record_batch(
+        TASK, 1, [new_update("fresh", b"u")], presences=[seen("fresh", "online", at, ram_mb=512)]
+    )
+    assert created == [True]
+    (device,) = ready.list_devices(FLEET)
+    assert (device.device_id, device.presence, device.presence_at, device.updates) == (
+        "fresh",
+        "online",
+        at,
+        1,
+    )
+    assert device.capabilities == {"ram_mb": 512}
+    assert device.last_seen_at > at  # the update moved it on
+
+
+def test_a_rolled_back_batch_leaves_no_stale_device_id(ready: Store) -> None:
+    """A device row created by a batch that rolls back is not remembered: its id may be reused (SQLite
+    hands the next row the same id), and an update must never be filed under another device."""
+    ready.close_round(TASK, 1, aggregate=b"agg", closed_by="quorum")
+    with pytest.raises(RoundClosedError):
+        ready.record_batch(
+            TASK, 1, [new_update("ghost", b"g")], presences=[seen("ghost", "online", dt.datetime.now(UTC))]
+        )
+    assert ready.list_devices(FLEET) == []
+    ready.upsert_device(FLEET, "other", presence="online")  # may get the id the ghost had
+    ready.open_round(TASK, 2, quorum=2, deadline=in_minutes(5))
+    assert ready.record_batch(TASK, 2, [new_update("ghost", b"g")]) == [True]
+    assert [u.device_id for u in ready.accepted_updates(TASK, 2)] == ["ghost"]
+    assert {d.device_id: d.updates for d in ready.list_devices(FLEET)} == {"ghost": 1, "other": 0}
 
 
 def test_datetimes_must_be_timezone_aware_and_come_back_in_utc(ready: Store) -> None:
