@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="group commit: longest a message waits for its batch to fill before it is stored",
     )
+    add_option(
+        run,
+        "--store-writer",
+        choices=["thread", "process"],
+        default="thread",
+        help="where a batch's SQL runs: in a thread of the aggregator, or in a child process of its own "
+        "(more ingest on a multi-core machine: off the interpreter lock)",
+    )
     run.set_defaults(handler=_run)
 
 
@@ -137,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
             shared_group=args.shared_group,
             batch_max=args.batch_max,
             batch_wait_s=args.batch_wait_ms / 1e3,
+            store_writer=args.store_writer,
         )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

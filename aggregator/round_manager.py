@@ -117,11 +117,14 @@ class RoundManager:
         store,
         *,
         clock: Callable[[], float] = time.time,
+        writer=None,
     ) -> None:
         self.fleet = fleet
         self.task = task
         self.topics = Topics(fleet)
         self.store = store
+        # What runs a batch's transaction (``write``): the store, or a ``storage.WriterProcess`` on it.
+        self.writer = store if writer is None else writer
         self.clock = clock
         self.spec = TaskSpec.from_dict(
             {
@@ -555,7 +558,7 @@ class RoundManager:
         items = list(batch.updates.values())
         if not items and not batch.rejections and not batch.presences:
             return []
-        return self.store.record_batch(
+        return self.writer.record_batch(
             self.task.task_id,
             batch.round_no,
             [item.row for item in items],

@@ -48,12 +48,14 @@ from fedmask.protocol.mask_coding import MASK_CODINGS
 from fedmask.protocol.tensor_codec import MAX_ELEMENTS
 from fedmask.protocol.topics import Topics
 from fedmask.protocol.transport import MqttConnection, ReceivedMessage, TransportError
+from fedmask.storage.writer import WriterProcess
 
 logger = logging.getLogger(__name__)
 
 DUPLICATE = "duplicate delivery"  # the detail of a decision that answers an update already stored
 # How long anything that writes waits for the flusher's commit before it gives up with an error.
 COMMIT_WAIT_S = 60.0
+STORE_WRITERS = ("thread", "process")  # where a batch's SQL runs: the flusher thread, or a child process
 
 
 class CommitStalled(RuntimeError):
@@ -92,6 +94,7 @@ class AggregatorService:
         batch_max: int = 256,
         batch_wait_s: float = 0.005,
         commit_wait_s: float = COMMIT_WAIT_S,
+        store_writer: str = "thread",
     ) -> None:
         if batch_max < 1 or batch_wait_s < 0:
             raise ValueError(f"batch_max must be >= 1 and batch_wait_s >= 0, got {batch_max}, {batch_wait_s}")
@@ -99,7 +102,18 @@ class AggregatorService:
         self.topics = Topics(fleet)
         if not task.codings:  # tell the devices which mask codings we decode
             task = dataclasses.replace(task, codings=list(MASK_CODINGS))
-        self.manager = RoundManager(fleet, task, store)
+        if store_writer not in STORE_WRITERS:
+            raise ValueError(f"store_writer must be one of {', '.join(STORE_WRITERS)}, got {store_writer!r}")
+        # "process": each batch's SQL runs in a child process (``storage.writer``), off this process's
+        # interpreter lock; started with the service.
+        self.writer = None
+        if store_writer == "process":
+            self.writer = WriterProcess(
+                store.url.render_as_string(hide_password=False),
+                sqlite_synchronous=store.sqlite_synchronous,
+                timeout_s=commit_wait_s,
+            )
+        self.manager = RoundManager(fleet, task, store, writer=self.writer)
         # Masks coded against what each side holds (uplink bases per device, announced bodies).
         self.bases = StoredBases(store, task.task_id)
         self.manager.encode_body = lambda round_no, body: self.bases.announcement(
@@ -161,6 +175,8 @@ class AggregatorService:
     # ----- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> AggregatorService:
+        if self.writer is not None:  # before any message can arrive: a batch must find it serving
+            self.writer.start()
         up, state = self.topics.aggregator_filters(self.shared_group)
         self.connection.subscribe(up, self._on_up)
         self.connection.subscribe(state, self._on_state)
@@ -190,6 +206,8 @@ class AggregatorService:
             if thread.is_alive():
                 thread.join(timeout=15)
         self.connection.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every device reported its personalized model (or finalization timed out)."""

@@ -10,7 +10,8 @@
    which depends less on what else the machine runs. Variants, taking turns in the same run: group
    commit (batches of up to ``--batch-max``, a first message waits at most ``--batch-wait-ms``) and the
    baseline, one commit per update (``batch_max=1``: each update committed, acked and answered before
-   the next is looked at).
+   the next is looked at), and group commit with the batches written by a child process
+   (``--store-writer process``; its CPU counted with the aggregator's).
 2. Rounds. D devices (10, 100, 1,000) each send one update with quorum D through the same path; the
    update that completes the quorum closes round 1. Reported: aggregate (read the round's updates back
    from the store, decode, aggregate, store the aggregate) and announce (open round 2, code its
@@ -266,6 +267,7 @@ def run_fleet(
     batch_max: int,
     batch_wait_s: float,
     publishers: int,
+    store_writer: str = "thread",
 ) -> dict[str, Any]:
     """One aggregator on a fresh store; ``devices`` devices each send one update. Returns timings."""
     from fedmask.aggregator.service import AggregatorService
@@ -280,8 +282,16 @@ def run_fleet(
         store.upgrade()
         register(store, fleet, [f"dev-{index:05d}" for index in range(devices)])
         service = AggregatorService(
-            broker.url, fleet, task, store, batch_max=batch_max, batch_wait_s=batch_wait_s
+            broker.url,
+            fleet,
+            task,
+            store,
+            batch_max=batch_max,
+            batch_wait_s=batch_wait_s,
+            store_writer=store_writer,
         ).start()
+        # The store writer's child process is the aggregator's too: its CPU is counted with ours.
+        writer_pid = service.writer._process.pid if service.writer is not None else None
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         child = context.Process(
@@ -294,12 +304,15 @@ def run_fleet(
                 raise TimeoutError("the publisher process did not connect within 60 s")
             ours.recv()
             cpu = time.process_time()  # every thread of this process: the aggregator's CPU
+            writer_cpu = process_cpu_s(writer_pid) if writer_pid else 0.0
             broker_cpu = process_cpu_s(broker.pid)
             ours.send("go")
             if not ours.poll(330):
                 raise TimeoutError("the publisher process did not report within 330 s")
             elapsed, receipts, rejected, publisher_cpu = ours.recv()
             cpu = time.process_time() - cpu
+            if writer_pid:
+                cpu += process_cpu_s(writer_pid) - writer_cpu
             broker_cpu = process_cpu_s(broker.pid) - broker_cpu
         finally:
             child.join(30)
@@ -420,9 +433,12 @@ def ingest_rows(broker, engine: str, args) -> list[dict[str, Any]]:
             args.batch_wait_ms / 1e3,
         ),
     }
+    if args.store_writer_process:
+        variants["group commit, store writer process"] = (args.batch_max, args.batch_wait_ms / 1e3)
     results: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
     for repeat in range(args.repeats):  # the variants take turns: both see the same CPU weather
         for index, (label, (batch_max, wait_s)) in enumerate(variants.items()):
+            writer = "process" if "store writer process" in label else "thread"
             database = sqlite_database() if engine == "sqlite" else postgres_database(args.pg_admin)
             with database as url:
                 print(f"[{engine}] {label}, repeat {repeat + 1}: {args.updates} updates ...", file=sys.stderr)
@@ -436,6 +452,7 @@ def ingest_rows(broker, engine: str, args) -> list[dict[str, Any]]:
                         batch_max=batch_max,
                         batch_wait_s=wait_s,
                         publishers=args.publishers,
+                        store_writer=writer,
                     )
                 )
     baseline = statistics.median(r["updates_per_s"] for r in results[next(iter(variants))])
@@ -540,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publishers", type=int, default=4, help="publisher connections")
     parser.add_argument("--batch-max", type=int, default=256)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--no-store-writer-process",
+        dest="store_writer_process",
+        action="store_false",
+        help="skip the variant whose batches are written by a child process (--store-writer process)",
+    )
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000], help="round sizes")
     parser.add_argument("--round-repeats", type=int, default=3)
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="psycopg conninfo allowed to CREATE DATABASE")

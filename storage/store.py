@@ -81,6 +81,7 @@ class Store:
 
     def __init__(self, url: str | URL, *, sqlite_synchronous: str = "FULL") -> None:
         self.url = normalize_url(url)
+        self.sqlite_synchronous = sqlite_synchronous
         self._engine = make_engine(self.url, sqlite_synchronous=sqlite_synchronous)
         # Row ids never change once assigned (nothing deletes fleets, tasks or devices): cache them to
         # keep lookups off the write path.

@@ -6,6 +6,7 @@ aggregator is a `fedmask aggregator run` process.
 from __future__ import annotations
 
 import collections
+import re
 import time
 from pathlib import Path
 
@@ -78,12 +79,14 @@ def num_bits() -> int:
     return FedMaskServer(spec_from_task(task)).num_bits
 
 
+@pytest.mark.parametrize("store_writer", ["thread", "process"])
 def test_a_receipt_is_never_published_before_its_batch_is_durable(
-    open_mosquitto: BrokerHandle, tmp_path: Path, fedmask_processes
+    open_mosquitto: BrokerHandle, tmp_path: Path, fedmask_processes, store_writer: str
 ) -> None:
     """The aggregator is SIGKILLed between judging a batch and committing it (its third batch): no
     device got a receipt for an update that is not stored, every receipted update is stored exactly
-    once, and after a restart the broker's redeliveries complete the rest, each stored once."""
+    once, and after a restart the broker's redeliveries complete the rest, each stored once. With the
+    store writer in a child process too (which must then exit with its parent)."""
     task_file = tmp_path / "task.yaml"
     task_file.write_text(
         yaml.safe_dump(
@@ -99,7 +102,7 @@ def test_a_receipt_is_never_published_before_its_batch_is_durable(
     db = tmp_path / "store.db"
     command = ["aggregator", "run", "--broker", open_mosquitto.url(), "--fleet", FLEET]
     command += ["--task", str(task_file), "--db", f"sqlite:///{db}", "--log-level", "INFO"]
-    command += ["--batch-max", "8", "--batch-wait-ms", "200"]
+    command += ["--batch-max", "8", "--batch-wait-ms", "200", "--store-writer", store_writer]
     names = [f"dev-{i:02d}" for i in range(40)]
     bits = num_bits()
     # Known from the store (as after their presences), not from presence messages: presences are
@@ -116,6 +119,11 @@ def test_a_receipt_is_never_published_before_its_batch_is_durable(
             devices.publish(name, update(name, bits, i))
         poll(lambda: not first.running, 60, "the aggregator killed at its third commit")
         assert "fault injection: SIGKILL at aggregator.before_commit" in first.log()
+        if store_writer == "process":  # its child reads end-of-file on its pipe and exits too
+            writer_pid = int(re.search(r"store writer process (\d+) serving", first.log()).group(1))
+            poll(
+                lambda: not Path(f"/proc/{writer_pid}").exists(), 15, "the store writer gone with its parent"
+            )
         time.sleep(0.5)  # anything the dead process had in flight would have arrived by now
 
         rows = stored_rows(db)
