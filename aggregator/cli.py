@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         run,
         "--store-writer",
         choices=["thread", "process"],
-        default="thread",
-        help="where a batch's SQL runs: in a thread of the aggregator, or in a child process of its own "
-        "(more ingest on a multi-core machine: off the interpreter lock)",
+        default="process",
+        help="where a batch's SQL runs: in a child process of its own (more ingest on a multi-core "
+        "machine: off the aggregator's interpreter lock) or in a thread of the aggregator",
     )
     run.set_defaults(handler=_run)
 

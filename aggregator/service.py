@@ -94,7 +94,7 @@ class AggregatorService:
         batch_max: int = 256,
         batch_wait_s: float = 0.005,
         commit_wait_s: float = COMMIT_WAIT_S,
-        store_writer: str = "thread",
+        store_writer: str = "process",
     ) -> None:
         if batch_max < 1 or batch_wait_s < 0:
             raise ValueError(f"batch_max must be >= 1 and batch_wait_s >= 0, got {batch_max}, {batch_wait_s}")
@@ -104,8 +104,9 @@ class AggregatorService:
             task = dataclasses.replace(task, codings=list(MASK_CODINGS))
         if store_writer not in STORE_WRITERS:
             raise ValueError(f"store_writer must be one of {', '.join(STORE_WRITERS)}, got {store_writer!r}")
-        # "process": each batch's SQL runs in a child process (``storage.writer``), off this process's
-        # interpreter lock; started with the service.
+        # "process" (the default): each batch's SQL runs in a child process (``storage.writer``), off
+        # this process's interpreter lock (+18-24% ingest on 2 cores, docs/capacity.md); started with
+        # the service. "thread": in the flusher thread, as one process.
         self.writer = None
         if store_writer == "process":
             self.writer = WriterProcess(
