@@ -123,7 +123,7 @@ class RoundManager:
         self.task = task
         self.topics = Topics(fleet)
         self.store = store
-        # What runs a batch's transaction (``write``): the store, or a ``storage.WriterProcess`` on it.
+        # What runs a batch's transaction (``write``): the store, or a ``storage.writer.WriterProcess`` on it.
         self.writer = store if writer is None else writer
         self.clock = clock
         self.spec = TaskSpec.from_dict(
