@@ -184,12 +184,17 @@ class AggregatorService:
         # Messages the broker queued for our session arrive as soon as we connect: the handlers wait
         # for this lock until the rounds and devices are loaded from the store and announced. The
         # connection comes first: a broker we cannot use (down, or refusing MQTT 5) opens no round.
-        with self._lock:
-            self.connection.connect()
-            outbound = self.manager.start()
-            self._publish(outbound)
-            self._republish.clear()  # the first connection's retained messages are the ones just sent
-            self._last_task_publish = time.monotonic()
+        try:
+            with self._lock:
+                self.connection.connect()
+                outbound = self.manager.start()
+                self._publish(outbound)
+                self._republish.clear()  # the first connection's retained messages are the ones just sent
+                self._last_task_publish = time.monotonic()
+        except BaseException:
+            if self.writer is not None:  # a service that never started leaves no child behind
+                self.writer.close()
+            raise
         self._ticker.start()
         self._flusher.start()
         return self

@@ -72,3 +72,21 @@ def test_a_store_the_child_cannot_open_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(StorageError, match="store writer process"):
         writer.start()
     assert writer._process is None
+
+
+def test_a_service_that_cannot_start_leaves_no_writer_behind(mosquitto, tmp_path) -> None:
+    """The writer starts first (a batch must find it serving); a broker that refuses the aggregator
+    (no credentials on an authenticating Mosquitto) fails ``start`` and takes the child with it."""
+    from fixtures.fleet import fedmask_task
+
+    from fedmask.aggregator.service import AggregatorService
+    from fedmask.protocol.transport import TransportError
+
+    with Store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.upgrade()
+        task = fedmask_task(FLEET, 14, task_id=TASK, rounds=1, quorum=1, deadline_s=60.0)
+        service = AggregatorService(mosquitto.url(), FLEET, task, store)
+        assert service.writer is not None  # the default
+        with pytest.raises(TransportError, match="Not authorized"):
+            service.start()
+        assert service.writer._process is None
