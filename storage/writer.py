@@ -10,6 +10,8 @@ Semantics are the store's: one transaction per call, all or nothing, the same re
 ``RoundClosedError``. A child that dies or hangs fails the call (``StorageError``), exactly like a
 database that fails a commit: the aggregator then acks the batch without answering it and the devices
 republish. The next call starts a new child. The child exits when the parent does (its pipe closes).
+It is a spawned interpreter: a script of one's own that starts the aggregator service must guard its
+entry point (``if __name__ == "__main__":``), as for any ``multiprocessing`` child; ``fedmask`` does.
 """
 
 from __future__ import annotations
