@@ -291,7 +291,7 @@ def run_fleet(
             store_writer=store_writer,
         ).start()
         # The store writer's child process is the aggregator's too: its CPU is counted with ours.
-        writer_pid = service.writer._process.pid if service.writer is not None else None
+        writer_pid = service.writer.pid if service.writer is not None else None
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         child = context.Process(

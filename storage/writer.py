@@ -43,6 +43,11 @@ class WriterProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one runs (its CPU is the aggregator's too)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> WriterProcess:
         """Start the child and wait until its store is open (``StorageError`` if it cannot)."""
         with self._lock:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from fixtures.broker import BrokerHandle, MqttProbe
-from fixtures.fleet import fedmask_task, mask_update, poll
+from fixtures.fleet import aggregator_command, fedmask_task, mask_update, poll
 
 from fedmask.aggregator.service import AggregatorService
 from fedmask.protocol import messages
@@ -87,22 +86,8 @@ def test_a_receipt_is_never_published_before_its_batch_is_durable(
     device got a receipt for an update that is not stored, every receipted update is stored exactly
     once, and after a restart the broker's redeliveries complete the rest, each stored once. With the
     store writer in a child process too (which must then exit with its parent)."""
-    task_file = tmp_path / "task.yaml"
-    task_file.write_text(
-        yaml.safe_dump(
-            {
-                "task_id": TASK_ID,
-                "strategy": "fedmask",
-                "arch": "har_cnn",
-                "num_classes": NUM_CLASSES,
-                "schedule": {"rounds": 1, "quorum": 1000, "deadline_s": 600.0},
-            }
-        )
-    )
-    db = tmp_path / "store.db"
-    command = ["aggregator", "run", "--broker", open_mosquitto.url(), "--fleet", FLEET]
-    command += ["--task", str(task_file), "--db", f"sqlite:///{db}", "--log-level", "INFO"]
-    command += ["--batch-max", "8", "--batch-wait-ms", "200", "--store-writer", store_writer]
+    flags = ["--batch-max", "8", "--batch-wait-ms", "200", "--store-writer", store_writer]
+    command, db = aggregator_command(tmp_path, open_mosquitto.url(), FLEET, TASK_ID, NUM_CLASSES, flags)
     names = [f"dev-{i:02d}" for i in range(40)]
     bits = num_bits()
     # Known from the store (as after their presences), not from presence messages: presences are

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from fixtures.broker import BrokerHandle, MqttProbe
-from fixtures.fleet import fedmask_task, mask_update, poll
+from fixtures.fleet import aggregator_command, fedmask_task, mask_update, poll
 from sqlalchemy import event
 
 from fedmask.aggregator.service import AggregatorService
@@ -121,22 +120,8 @@ def test_a_presence_judged_but_not_committed_is_delivered_again_and_stored(
     """The aggregator is SIGKILLed before committing the batch holding the presences (not retained,
     so only the broker's redelivery of the unacknowledged messages can bring them back): nothing is
     stored, and the restarted aggregator stores every one."""
-    task_file = tmp_path / "task.yaml"
-    task_file.write_text(
-        yaml.safe_dump(
-            {
-                "task_id": TASK_ID,
-                "strategy": "fedmask",
-                "arch": "har_cnn",
-                "num_classes": NUM_CLASSES,
-                "schedule": {"rounds": 1, "quorum": 1000, "deadline_s": 600.0},
-            }
-        )
-    )
-    db = tmp_path / "store.db"
-    command = ["aggregator", "run", "--broker", open_mosquitto.url(), "--fleet", FLEET]
-    command += ["--task", str(task_file), "--db", f"sqlite:///{db}", "--log-level", "INFO"]
-    command += ["--batch-max", "64", "--batch-wait-ms", "300"]
+    flags = ["--batch-max", "64", "--batch-wait-ms", "300"]
+    command, db = aggregator_command(tmp_path, open_mosquitto.url(), FLEET, TASK_ID, NUM_CLASSES, flags)
     names = [f"dev-{i}" for i in range(5)]
     t0 = time.time() - 30
     probe = MqttProbe(open_mosquitto.host, open_mosquitto.port, client_id="presence-devices")

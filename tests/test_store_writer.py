@@ -61,17 +61,17 @@ def test_a_dead_child_fails_the_call_and_the_next_call_gets_a_new_one(ready: Sto
             writer.record_batch(TASK, 1, [new_update("pi-1", b"one")])
         assert ready.accepted_updates(TASK, 1) == []
         assert writer.record_batch(TASK, 1, [new_update("pi-1", b"one")]) == [True]
-        assert writer._process is not None and writer._process.pid != first.pid
+        assert writer.pid is not None and writer.pid != first.pid
     finally:
         writer.close()
-    assert writer._process is None and not first.is_alive()
+    assert writer.pid is None and not first.is_alive()
 
 
 def test_a_store_the_child_cannot_open_is_a_clear_error(tmp_path) -> None:
     writer = WriterProcess(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'store.db'}", timeout_s=5)
     with pytest.raises(StorageError, match="store writer process"):
         writer.start()
-    assert writer._process is None
+    assert writer.pid is None
 
 
 def test_a_service_that_cannot_start_leaves_no_writer_behind(mosquitto, tmp_path) -> None:
@@ -89,4 +89,4 @@ def test_a_service_that_cannot_start_leaves_no_writer_behind(mosquitto, tmp_path
         assert service.writer is not None  # the default
         with pytest.raises(TransportError, match="Not authorized"):
             service.start()
-        assert service.writer._process is None
+        assert service.writer.pid is None
