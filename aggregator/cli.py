@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         run,
         "--batch-max",
         type=int,
-        default=256,
+        default=512,  # AggregatorService's DEFAULT_BATCH_MAX (the service is imported only to run)
         help="group commit: most messages stored in one transaction",
     )
     add_option(

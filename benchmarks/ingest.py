@@ -555,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=2000, help="updates per ingest measurement")
     parser.add_argument("--repeats", type=int, default=2, help="ingest repeats per variant (median reported)")
     parser.add_argument("--publishers", type=int, default=4, help="publisher connections")
-    parser.add_argument("--batch-max", type=int, default=256)
+    parser.add_argument(
+        "--batch-max", type=int, default=512, help="group commit batch size (the aggregator's default)"
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument(
         "--no-store-writer-process",

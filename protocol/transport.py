@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -45,7 +46,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedmask.protocol.broker_url import BrokerUrl, parse_broker_url
-from fedmask.protocol.topics import validate_id
+from fedmask.protocol.topics import filter_pattern, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ DISPATCH_MODES = ("worker", "network")
 # Small request/response messages (an update, then its receipt) must not wait for Nagle's algorithm:
 # with it, each receipt sat ~40 ms in the kernel and capped ingest at ~20 updates/s (benchmarks/wire.py).
 DEFAULT_TCP_NODELAY = True
-MAX_ROUTES = 100_000  # topics whose handler is remembered (one per device and direction)
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600  # a device may stay offline for days and still get its queue
 
 
@@ -181,8 +181,7 @@ class MqttConnection:
         # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once (else its own
         # limit, Mosquitto's max_inflight_messages, 20): a consumer that acks in batches needs more.
         self.receive_maximum = receive_maximum
-        self._subscriptions: dict[str, tuple[int, Handler]] = {}
-        self._routes: dict[str, Handler | None] = {}  # topic -> its subscription's handler (a cache)
+        self._subscriptions: dict[str, tuple[int, Handler, re.Pattern[str]]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._connack = threading.Event()  # any CONNACK, success or refusal
@@ -417,7 +416,9 @@ class MqttConnection:
         with self._lock:
             if not session_present or not self._ever_connected:
                 self._confirmed.clear()
-            subscriptions = [(f, q) for f, (q, _) in self._subscriptions.items() if f not in self._confirmed]
+            subscriptions = [
+                (f, q) for f, (q, _, _) in self._subscriptions.items() if f not in self._confirmed
+            ]
             self._ever_connected = True
             self._connected.set()
         self._resubscribe(client, subscriptions)
@@ -462,9 +463,9 @@ class MqttConnection:
         Each message goes to the first subscription (in subscription order) whose filter matches it,
         so overlapping filters never make a message be handled, or acked, twice.
         """
+        pattern = filter_pattern(topic_filter)
         with self._lock:
-            self._subscriptions[topic_filter] = (qos, handler)
-            self._routes.clear()
+            self._subscriptions[topic_filter] = (qos, handler, pattern)
             if not self._connected.is_set():
                 return  # sent by _resubscribe on connection
         result, mid = self._client.subscribe(topic_filter, qos=qos)
@@ -485,7 +486,6 @@ class MqttConnection:
         """Stop routing ``topic_filter`` and tell the broker (not waited for)."""
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
-            self._routes.clear()
             self._confirmed.discard(topic_filter)
         self._client.unsubscribe(topic_filter)
 
@@ -586,17 +586,10 @@ class MqttConnection:
 
     def _route(self, topic: str) -> Handler | None:
         with self._lock:
-            if topic in self._routes:  # (matching every filter again cost more than the rest of it)
-                return self._routes[topic]
-            handler = None
-            for topic_filter, (_, candidate) in self._subscriptions.items():
-                if mqtt.topic_matches_sub(_share_stripped(topic_filter), topic):
-                    handler = candidate
-                    break
-            if len(self._routes) >= MAX_ROUTES:
-                self._routes.clear()
-            self._routes[topic] = handler
-            return handler
+            for _, handler, pattern in self._subscriptions.values():
+                if pattern.fullmatch(topic):
+                    return handler
+            return None
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self._network_thread = threading.get_ident()

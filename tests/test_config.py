@@ -18,6 +18,19 @@ def test_defaults_apply_when_nothing_else_is_given():
     assert args.rounds == 10 and args.dataset == "hmp" and args.transport == "mqtt"
 
 
+def test_aggregator_run_defaults_are_the_services():
+    # The command line repeats the service's defaults (it imports the service only to run it).
+    import inspect
+
+    from fedmask.aggregator.service import AggregatorService
+
+    args = _parse(["aggregator", "run", "--fleet", "f", "--task", "t.yaml"])
+    service = inspect.signature(AggregatorService).parameters
+    assert args.batch_max == service["batch_max"].default
+    assert args.batch_wait_ms / 1e3 == service["batch_wait_s"].default
+    assert args.store_writer == service["store_writer"].default
+
+
 def test_config_file_section_then_environment_then_flag(tmp_path, monkeypatch):
     config = tmp_path / "run.yaml"
     config.write_text("rounds: 3\nsimulate:\n  dataset: fashion_mnist\n  hyper: {fedmask: {lr: 0.5}}\n")

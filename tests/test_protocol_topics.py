@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import random
+
 import paho.mqtt.client as mqtt
 import pytest
 
 from fedmask.protocol.errors import ProtocolError, Rejection
-from fedmask.protocol.topics import Route, Topics, chunk_base, chunk_filter, chunk_topic, shared, validate_id
+from fedmask.protocol.topics import (
+    Route,
+    Topics,
+    chunk_base,
+    chunk_filter,
+    chunk_topic,
+    filter_pattern,
+    shared,
+    validate_id,
+)
 
 
 def test_topic_tree_of_a_fleet() -> None:
@@ -93,3 +104,33 @@ def test_chunk_base_is_the_reassembly_key_of_a_frame() -> None:
     assert chunk_base(chunk_topic(topics.round, 17)) == topics.round
     assert chunk_base(topics.round) == topics.round
     assert chunk_base(topics.up("chunk")) == topics.up("chunk")  # a device may be called "chunk"
+
+
+def test_filter_pattern_matches_exactly_what_paho_matches() -> None:
+    # The transport routes with compiled filters; paho's matcher is the reference for MQTT's rules.
+    rng = random.Random(7)
+    words = ["a", "b", "$SYS", "fedmask", "", "dev-1"]
+
+    def topic() -> str:
+        return "/".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+
+    def topic_filter() -> str:
+        levels = [rng.choice([*words, "+", "+"]) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.4:
+            levels[-1] = "#"
+        return "/".join(levels)
+
+    checked = 0
+    for _ in range(3000):
+        f, t = topic_filter(), topic()
+        expected = mqtt.topic_matches_sub(f, t)
+        assert bool(filter_pattern(f).fullmatch(t)) == expected, (f, t)
+        assert bool(filter_pattern(f"$share/group-1/{f}").fullmatch(t)) == expected, (f, t)
+        checked += expected
+    assert checked > 300  # the sample holds plenty of matches, not only misses
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a+/b", "a/b#", "#a"])
+def test_filter_pattern_refuses_invalid_filters(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid topic filter"):
+        filter_pattern(bad)
