@@ -58,6 +58,7 @@ COMMIT_WAIT_S = 60.0
 # Batches of 512 beat 256 in every paired run of benchmarks/ingest.py (SQLite +3-35%, PostgreSQL +3-50%:
 # the commit's fixed cost, and the broker's wait for acks, spread over more updates); 768 gained nothing.
 DEFAULT_BATCH_MAX = 512
+MAX_UNCONFIRMED = 4096  # receipts published and not yet confirmed by the broker, before the flusher waits
 STORE_WRITERS = ("thread", "process")  # where a batch's SQL runs: the flusher thread, or a child process
 
 
@@ -142,11 +143,12 @@ class AggregatorService:
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
         self._waiting: list[_Waiting] = []
-        self._unconfirmed: list = []  # receipts published, PUBACK not waited for yet
+        self._unconfirmed: list = []  # receipts published, PUBACK not seen yet
         self._outbound: list[Outbound] = []
         self._batch_opened = 0.0
         self._batch_due = threading.Condition(self._lock)
         self._committing = False  # the flusher is writing a batch, without the lock
+        self._flusher_waits = False  # its write is done and it waits for the lock (set without it)
         self.commit_wait_s = commit_wait_s
         self._receipts: dict[tuple[str, int, str], bytes] = {}  # encoded receipts (see ``_receipt``)
         self.batch_sizes: list[int] = []  # messages per committed batch
@@ -393,15 +395,24 @@ class AggregatorService:
             self._after_judging()
 
     def _after_judging(self) -> None:
-        """Commit now (the quorum, or batching off), or hold judging while the batch is full."""
+        """Commit now (the quorum, or batching off), or hand the batch to the flusher when it is full, or
+        due (its first message waited ``batch_wait_s``) while the flusher is idle."""
         if self.manager.must_commit() or (self.batch_max == 1 and self._waiting):
             self._flush()
-        elif len(self._waiting) >= self.batch_max:
-            # A full batch: the flusher takes it once the previous commit is done; judging waits
-            # until then, so a batch never holds more than ``batch_max`` messages.
+            return
+        batch = self._waiting
+        full = len(batch) >= self.batch_max
+        if full or (
+            batch and not self._committing and time.monotonic() >= self._batch_opened + self.batch_wait_s
+        ):
+            # Judging waits until the flusher has taken the batch: a full one never grows, and a due one
+            # is not kept from the flusher by this thread retaking the lock at every message (a lock is
+            # not fair: the first batches of a burst waited ~100 ms for it).
             self._batch_due.notify_all()
-            while len(self._waiting) >= self.batch_max and not self._stop.is_set():
+            while self._waiting is batch and (full or not self._committing) and not self._stop.is_set():
                 self._batch_due.wait(1.0)
+        while self._flusher_waits and not self._stop.is_set():
+            self._batch_due.wait(0.01)  # the flusher's commit is done: let it answer before judging more
 
     def _wait_for_commit(self, waiting: _Waiting) -> None:
         if not self._waiting:
@@ -493,12 +504,15 @@ class AggregatorService:
         waiting, outbound, unconfirmed = opened
         batch = self.manager.take()
         self._committing = True
+        self._batch_due.notify_all()  # judging that waited for the flusher to take the batch goes on
         try:
             self._lock.release()
             try:
                 created = self.manager.write(batch)
             finally:
+                self._flusher_waits = True  # judging yields the lock at its next message
                 self._lock.acquire()
+                self._flusher_waits = False
         except Exception:
             self.manager.abandon()
             dropped, self._waiting = waiting + self._waiting, []
@@ -524,7 +538,7 @@ class AggregatorService:
                 self._publish(outbound)
             return None
         kill_point("aggregator.before_commit")
-        unconfirmed, self._unconfirmed = self._unconfirmed, []  # the previous batch's receipts
+        unconfirmed, self._unconfirmed = self._unconfirmed, []  # earlier batches' receipts
         return waiting, outbound, unconfirmed
 
     def _failed(self, waiting: list[_Waiting], unconfirmed: list) -> None:
@@ -571,9 +585,17 @@ class AggregatorService:
         for item in waiting:
             self.connection.ack(item.message)
         try:
-            self.connection.wait_published(unconfirmed)
+            # Earlier receipts whose PUBACK is not in yet are looked at again after the next batch,
+            # unless too many are: a PUBACK comes after the messages the broker already sent us (up to
+            # Receive Maximum of them), and waiting for it here held each batch of a burst 40-100 ms.
+            unconfirmed = self.connection.unconfirmed(unconfirmed)
+            if len(unconfirmed) > MAX_UNCONFIRMED:
+                self.connection.wait_published(unconfirmed)
+                unconfirmed = []
         except TransportError as exc:  # receipts the broker did not confirm: their devices ask again
-            logger.warning("receipts of the previous batch unconfirmed: %s", exc)
+            logger.warning("receipts of earlier batches unconfirmed: %s", exc)
+            unconfirmed = []
+        self._unconfirmed = unconfirmed + self._unconfirmed
         kill_point("aggregator.ack_before_receipt")
         receipts = []
         for item in waiting:
@@ -590,8 +612,7 @@ class AggregatorService:
                 self.update_wire_bytes[(item.device, update.round)] = item.wire_bytes
             receipt = self._receipt(decision, round_no=item.round_no, detail=item.detail)
             receipts.append(Outbound(self.topics.down(item.device), receipt))
-        # Not waited for here: the next batch waits for these PUBACKs after its own commit, by when they
-        # are in (a round trip to the broker per batch saved, and at most two batches outstanding).
+        # Not waited for: their PUBACKs are looked at after the next batch's commit (see above).
         self._publish(receipts, wait=False)
         now = time.perf_counter()
         self.ingest_s.extend(now - item.started for item in waiting if item.update is not None)

@@ -555,6 +555,21 @@ class MqttConnection:
             if failure is not None:
                 raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
 
+    def unconfirmed(
+        self, sent: list[tuple[str, mqtt.MQTTMessageInfo]]
+    ) -> list[tuple[str, mqtt.MQTTMessageInfo]]:
+        """Of several ``publish(topic, ..., wait=False)`` calls, given as (topic, info), those whose PUBACK
+        has not come yet; not waiting. Raises :class:`TransportError` if the broker refused one."""
+        pending = []
+        for topic, info in sent:
+            if not info.is_published():
+                pending.append((topic, info))
+                continue
+            failure = self._puback_failures.pop(info.mid, None) if self._puback_failures else None
+            if failure is not None:
+                raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
+        return pending
+
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
         # Runs before paho marks the message published, so publish() sees the reason code. (A dict's
         # pop and item assignment are atomic: no lock on this path, once per message published.)
