@@ -266,6 +266,26 @@ def test_credentials_and_acl_refusals_are_reported(mosquitto, connections, tmp_p
         connections(mosquitto.url().replace("mqtt://", "mqtt://dev-3:wrong@"), "dev-3").connect(timeout_s=5)
 
 
+def test_unconfirmed_publishes_are_looked_at_without_waiting(mosquitto, connections) -> None:
+    # The aggregator checks its receipts' PUBACKs this way after each commit instead of waiting for them.
+    good = connections(mosquitto.url("dev-1"), "dev-1")
+    good.connect()
+    sent = [
+        (TOPICS.up("dev-1"), good.publish(TOPICS.up("dev-1"), b"x" * 1000, wait=False)) for _ in range(50)
+    ]
+    pending = good.unconfirmed(sent)
+    assert all(entry in sent for entry in pending)  # a subset, in order, none of it waited for
+    deadline = time.monotonic() + 10
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pending = good.unconfirmed(pending)
+    assert pending == []
+    refused = [(TOPICS.up("dev-2"), good.publish(TOPICS.up("dev-2"), b"not mine", wait=False))]
+    refused[0][1].wait_for_publish(10)
+    with pytest.raises(TransportError, match=r"refused .*dev-2.*Not authorized"):
+        good.unconfirmed(refused)
+
+
 def test_credentials_file_logs_in(mosquitto, connections) -> None:
     from fedmask.protocol.broker_url import parse_broker_url
 
