@@ -552,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--engines", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"]
     )
-    parser.add_argument("--updates", type=int, default=2000, help="updates per ingest measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="ingest repeats per variant (median reported)")
+    parser.add_argument("--updates", type=int, default=6000, help="updates per ingest measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="ingest repeats per variant (median reported)")
     parser.add_argument("--publishers", type=int, default=4, help="publisher connections")
     parser.add_argument(
         "--batch-max", type=int, default=512, help="group commit batch size (the aggregator's default)"
