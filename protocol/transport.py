@@ -130,13 +130,6 @@ def _set_tcp_nodelay(client, userdata, sock) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _share_stripped(topic_filter: str) -> str:
-    """The filter a shared subscription matches against (``$share/<group>/`` removed)."""
-    if topic_filter.startswith("$share/"):
-        return topic_filter.split("/", 2)[2]
-    return topic_filter
-
-
 class MqttConnection:
     """One MQTT client session. Create, ``subscribe``, ``connect``, then publish; ``close`` at the end.
 
