@@ -37,7 +37,10 @@ def filter_pattern(topic_filter: str) -> re.Pattern[str]:
     paho's ``topic_matches_sub`` builds a matcher tree at every call, ~12% of the aggregator's
     interpreter-lock time when every device's topic was new to the transport's route cache."""
     if topic_filter.startswith("$share/"):
-        topic_filter = topic_filter.split("/", 2)[2]
+        shared_parts = topic_filter.split("/", 2)
+        if len(shared_parts) < 3:
+            raise ValueError(f"invalid topic filter {topic_filter!r}")
+        topic_filter = shared_parts[2]
     levels = topic_filter.split("/")
     if "#" in levels[:-1] or any(("+" in lv or "#" in lv) and len(lv) > 1 for lv in levels):
         raise ValueError(f"invalid topic filter {topic_filter!r}")
