@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 DUPLICATE = "duplicate delivery"  # the detail of a decision that answers an update already stored
 # How long anything that writes waits for the flusher's commit before it gives up with an error.
 COMMIT_WAIT_S = 60.0
-# Batches of 512 beat 256 in every paired run of benchmarks/ingest.py (SQLite +3-35%, PostgreSQL +3-50%:
+# Batches of 512 beat 256 in every paired run of benchmarks/ingest.py (SQLite +3-35%, PostgreSQL +3-51%:
 # the commit's fixed cost, and the broker's wait for acks, spread over more updates); 768 gained nothing.
 DEFAULT_BATCH_MAX = 512
 MAX_UNCONFIRMED = 4096  # receipts published and not yet confirmed by the broker, before the flusher waits

@@ -275,7 +275,7 @@ def _broker_drops(broker) -> str:
         return ""
     return (
         f"; Mosquitto dropped messages for a client whose queue was full ({log_path}): a burst larger "
-        "than max_queued_messages (10,000 in the test config) plus Receive Maximum; use fewer --updates"
+        "than its max_queued_messages plus the aggregator's Receive Maximum; use fewer --updates"
     )
 
 

@@ -544,9 +544,7 @@ class MqttConnection:
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))
             if not info.is_published():
                 raise TransportError(f"no PUBACK for {topic!r} within {timeout_s:g} s")
-            failure = self._puback_failures.pop(info.mid, None) if self._puback_failures else None
-            if failure is not None:
-                raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
+            self._raise_if_refused(topic, info)
 
     def unconfirmed(
         self, sent: list[tuple[str, mqtt.MQTTMessageInfo]]
@@ -558,10 +556,13 @@ class MqttConnection:
             if not info.is_published():
                 pending.append((topic, info))
                 continue
-            failure = self._puback_failures.pop(info.mid, None) if self._puback_failures else None
-            if failure is not None:
-                raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
+            self._raise_if_refused(topic, info)
         return pending
+
+    def _raise_if_refused(self, topic: str, info: mqtt.MQTTMessageInfo) -> None:
+        failure = self._puback_failures.pop(info.mid, None) if self._puback_failures else None
+        if failure is not None:
+            raise TransportError(f"broker refused publish to {topic!r}: {failure.getName()}")
 
     def _handle_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
         # Runs before paho marks the message published, so publish() sees the reason code. (A dict's
