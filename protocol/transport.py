@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -116,13 +117,21 @@ Handler = Callable[[ReceivedMessage], None]
 _paho_logger = logging.getLogger(f"{__name__}.paho")
 
 
-def _log_paho(client, userdata, level: int, text: str) -> None:
-    # paho 2.2 reports "Client is not connected" as an error each time its loop runs while it waits
-    # to reconnect or stops; our own connect/disconnect log lines already say so.
-    severity = mqtt.LOGGING_LEVEL.get(level, logging.DEBUG)
-    if text.startswith("Client is not connected"):
-        severity = logging.DEBUG
-    _paho_logger.log(severity, "%s", text)
+class _PahoLog(logging.LoggerAdapter):
+    """paho's log lines, handed to our logger unformatted. paho's ``on_log`` hook formats every
+    packet's debug line (an MQTT 5 message's properties too) whether or not anyone listens, four per
+    update on the aggregator's ingest path; ``enable_logger`` lets logging drop them unformatted."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        # paho 2.2 reports "Client is not connected" as an error each time its loop runs while it waits
+        # to reconnect or stops; our own connect/disconnect log lines already say so.
+        if isinstance(msg, str) and msg.startswith("Client is not connected"):
+            level = logging.DEBUG
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, msg, *args, **kwargs)
+
+
+_paho_log = _PahoLog(_paho_logger, {})
 
 
 def _set_tcp_nodelay(client, userdata, sock) -> None:
@@ -237,7 +246,7 @@ class MqttConnection:
             manual_ack=self.manual_ack,
             **kwargs,
         )
-        client.on_log = _log_paho
+        client.enable_logger(_paho_log)  # a LoggerAdapter: paho only calls its log()
         client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)

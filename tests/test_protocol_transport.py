@@ -548,3 +548,51 @@ def test_broker_sends_at_most_max_inflight_unacked_messages(open_mosquitto, conn
     for message in held[:5]:
         sub.ack(message)
     assert len(inbox.wait_for(25)) == 25
+
+
+def test_paho_log_lines_are_formatted_only_when_someone_listens(open_mosquitto, connections, caplog) -> None:
+    """paho's per-packet debug lines reach our logger at DEBUG, and cost nothing above it: the MQTT 5
+    properties they print are not even turned into text (they were, at every packet, via ``on_log``)."""
+    from paho.mqtt.properties import Properties
+
+    formatted = []
+    real_str = Properties.__str__
+
+    def counting_str(self) -> str:
+        formatted.append(1)
+        return real_str(self)
+
+    sub = connections(open_mosquitto.url(), "agg-log")
+    inbox = Inbox()
+    sub.subscribe(TOPICS.all_up, inbox)
+    sub.connect()
+    pub = connections(open_mosquitto.url(), "dev-log")
+    pub.connect()
+    paho_log = "fedmask.protocol.transport.paho"
+    Properties.__str__ = counting_str
+    try:
+        with caplog.at_level(logging.INFO, logger=paho_log):
+            pub.publish(TOPICS.up("dev-log"), b"quiet").wait_for_publish(5)
+            inbox.wait_for(1)
+        assert formatted == [], "a debug line was formatted with nobody listening"
+        assert not [r for r in caplog.records if r.name == paho_log]
+        with caplog.at_level(logging.DEBUG, logger=paho_log):
+            pub.publish(TOPICS.up("dev-log"), b"heard").wait_for_publish(5)
+            inbox.wait_for(2)
+        lines = [r.getMessage() for r in caplog.records if r.name == paho_log]
+        assert any(line.startswith("Received PUBLISH") for line in lines), lines
+        assert formatted, "MQTT 5 properties were not in the debug lines"
+    finally:
+        Properties.__str__ = real_str
+
+
+def test_paho_not_connected_error_is_logged_as_debug(caplog) -> None:
+    from fedmask.protocol.transport import _paho_log
+
+    with caplog.at_level(logging.DEBUG, logger="fedmask.protocol.transport.paho"):
+        _paho_log.log(logging.ERROR, "Client is not connected (%s)", "x")
+        _paho_log.log(logging.ERROR, "Caught exception in on_message: %s", "boom")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "Client is not connected (x)"),
+        (logging.ERROR, "Caught exception in on_message: boom"),
+    ]
