@@ -109,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import OperationalError
 
     from fedmask.aggregator.service import AggregatorService
+    from fedmask.heap import settle_for_service
     from fedmask.protocol.cli_options import brokers_from_args
     from fedmask.storage import Store
     from fedmask.storage.cli import database_url
@@ -151,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         service.start()
+        settle_for_service()  # after start: the rounds and bases it loaded are long-lived too
         logging.getLogger(__name__).info("aggregator serving fleet %s, task %s", args.fleet, task.task_id)
         try:
             while not stop.is_set() and not service.wait(1.0):

@@ -294,6 +294,7 @@ def run_fleet(
     """One aggregator on a fresh store; ``devices`` devices each send one update. Returns timings."""
     from fedmask.aggregator.service import AggregatorService
     from fedmask.device_agent.agent import spec_from_task
+    from fedmask.heap import settle_for_service
     from fedmask.storage import Store
     from fedmask.strategies.fedmask import FedMaskServer
 
@@ -312,6 +313,7 @@ def run_fleet(
             batch_wait_s=batch_wait_s,
             store_writer=store_writer,
         ).start()
+        settle_for_service()  # as `fedmask aggregator run` does
         # The store writer's child process is the aggregator's too: its CPU is counted with ours.
         writer_pid = service.writer.pid if service.writer is not None else None
         context = multiprocessing.get_context("spawn")

@@ -133,6 +133,7 @@ class WriterProcess:
 
 def _serve(url: str, synchronous: str, conn: Connection) -> None:
     """The child: open the store, then answer requests until the parent closes the pipe."""
+    from fedmask.heap import settle_for_service
     from fedmask.storage.store import Store
 
     try:
@@ -142,6 +143,7 @@ def _serve(url: str, synchronous: str, conn: Connection) -> None:
     except Exception as exc:
         conn.send(("error", type(exc).__name__, str(exc)))
         return
+    settle_for_service()
     conn.send("ready")
     with store:
         while True:
