@@ -19,7 +19,9 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.ge
 def test_settling_freezes_what_is_alive_and_collects_young_objects_less_often() -> None:
     import json
 
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    )
     got = json.loads(out.stdout)
     assert got["frozen"] > 10_000  # the imports: skipped by every collection from now on
     assert got["after"] == [got["young"], got["before"][1], got["before"][2]]
