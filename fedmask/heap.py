@@ -6,9 +6,9 @@ every ~2,000 updates, each 80-170 ms with the interpreter lock held; with the yo
 of the process's CPU at 1,500 updates/s (``docs/capacity.md``). Two standard remedies:
 
 - freeze what is alive once the service is set up (``gc.freeze``): collections skip it from then on;
-- collect the youngest generation every 50,000 net allocations instead of 700: the ~10,000 objects a
-  batch of updates keeps alive until its commit are not walked over and over meanwhile (paired runs,
-  8 turns: 50,000 beat 10,000 by 7-12% of CPU per update).
+- collect the youngest generation every 50,000 net allocations instead of 700: the objects a batch
+  of up to 512 updates keeps alive until its commit are not walked over and over meanwhile (paired
+  runs, 8 turns: 50,000 beat 10,000 by 7-12% of CPU per update).
 
 Both are process-wide, so only the entry point of a process whose job is the service calls this
 (``fedmask aggregator run``, the store writer's child), not the service class.
