@@ -1,10 +1,11 @@
 """The aggregator's mask bases, backed by its store, and what each device says it can decode.
 
 - A device's last accepted masks live in the store's ``mask_bases`` table (written in the transaction
-  that stores the update they came in), so a restarted aggregator still decodes updates coded against
-  them. A base the aggregator lacks anyway (an update answered again as a duplicate, whose masks are
-  written after it) is covered on the wire: the device's next update names a base we do not hold, is
-  refused ``stale_base``, and the device sends it again in full coding.
+  that stores the update they came in, as references to that update's payload), so a restarted
+  aggregator still decodes updates coded against them. A base the aggregator lacks anyway (an update
+  answered again as a duplicate, whose masks are written after it) is covered on the wire: the
+  device's next update names a base we do not hold, is refused ``stale_base``, and the device sends it
+  again in full coding.
 - Announced bodies are the aggregates in the store: the body announced with round ``r`` is the
   aggregate of round ``r - 1``.
 - The retained announcement is coded against the previous one only when every device we know said
@@ -23,6 +24,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedmask.protocol import messages
+from fedmask.protocol.errors import ProtocolError
 from fedmask.protocol.mask_bases import ServerBases, plain
 from fedmask.protocol.mask_coding import CONTEXT, Base, MaskRef, mask_digest, packed_mask_digest
 from fedmask.protocol.tensor_codec import Coded, decode_coded_body, pack_bits
@@ -64,6 +67,18 @@ def _base(round_no: int, num_bits: int, packed: bytes) -> Base:
     return Base(round_no, bits[:num_bits].view(bool))
 
 
+def _stored_body(payload: bytes | None) -> Mapping[str, Coded] | None:
+    """The body of a stored update payload (full coding, as the aggregator stores them); None when
+    the payload is gone or does not decode."""
+    if payload is None:
+        return None
+    try:
+        return messages.decode(payload, messages.Update, max_size=len(payload)).body
+    except ProtocolError as exc:
+        logger.warning("a stored update payload holding mask bases does not decode: %s", exc)
+        return None
+
+
 class StoredBases(ServerBases):
     def __init__(self, store, task_id: str) -> None:
         super().__init__()
@@ -83,11 +98,19 @@ class StoredBases(ServerBases):
             self._cache[device] = {k: _base(round_no, bits, packed) for k, (bits, _, packed) in rows.items()}
         if device not in self._cache:
             bases = {}
+            bodies: dict[str, Mapping[str, Coded] | None] = {}
             for row in stored_masks.load_masks(self.store, self.task_id, device):
-                base = _base(row.round_no, row.num_bits, row.packed)
-                if 8 * len(row.packed) >= row.num_bits and base.ref.digest.hex() == row.digest:
+                packed = row.packed
+                if packed is None:  # in the update it came with
+                    if row.payload_sha256 not in bodies:
+                        bodies[row.payload_sha256] = _stored_body(row.payload)
+                    coded = (bodies[row.payload_sha256] or {}).get(row.entry)
+                    packed = _packed(coded)[1] if coded is not None and coded.coding == "bits" else b""
+                base = _base(row.round_no, row.num_bits, packed)
+                if 8 * len(packed) >= row.num_bits and base.ref.digest.hex() == row.digest:
                     bases[row.entry] = base
                 else:
+                    # Its next update is refused (missing_base) and sent again in full coding.
                     logger.warning("stored mask base %r of %s does not match its digest", row.entry, device)
             self._cache[device] = bases
         return self._cache[device]

@@ -480,7 +480,8 @@ class RoundManager:
         masks: tuple[int, dict[str, tuple[int, str, bytes]]] | None = None,
     ) -> tuple[Decision, list[Outbound]]:
         """Validate one decoded update and add it to the pending batch; the decision is final once
-        ``commit`` has run (which may correct it, see there). ``masks``: mask bases stored with it."""
+        ``commit`` has run (which may correct it, see there). ``masks``: mask bases stored with it
+        (``StoredBases.mask_rows``), as references to ``payload``: it must carry them in full coding."""
         digest = hashlib.sha256(payload).hexdigest()
         own = update.device == device and update.task_id == self.task.task_id
         twin = None
@@ -516,7 +517,8 @@ class RoundManager:
             num_samples=update.num_samples,
             payload=payload,
             metrics=dict(update.metrics),
-            masks=masks,
+            # The store keeps a reference to the payload, which carries the bits (in full coding).
+            masks=None if masks is None else (masks[0], {e: row[:2] for e, row in masks[1].items()}),
             payload_sha256=digest,
         )
         self.pending.round_no = self.current.number

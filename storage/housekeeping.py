@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, delete, exists, func, or_, select, text, update
 
-from fedmask.storage.schema import Aggregate, Blob, PersonalizedModel, Round, Update
+from fedmask.storage.schema import Aggregate, Blob, MaskBase, PersonalizedModel, Round, Update
 
 _MODEL_FILES = (
     PersonalizedModel.mask_sha256,
@@ -16,16 +16,20 @@ _MODEL_FILES = (
 def prune(connection: Connection, keep_last: int) -> int:
     """Free update payloads outside each task's newest ``keep_last`` rounds; return blobs freed.
 
-    Open rounds always keep their payloads (a restarting aggregator needs them), as do aggregates and
-    personalized models (every version). A blob no row refers to is deleted; a blob only
-    old updates refer to keeps its row, and its digest and size, with ``data`` set to NULL.
+    Open rounds always keep their payloads (a restarting aggregator needs them), as do aggregates,
+    personalized models (every version) and the updates that hold a device's mask base (its last
+    accepted masks, which its next update may be coded against). A blob no row refers to is deleted; a
+    blob only old updates refer to keeps its row, and its digest and size, with ``data`` set to NULL.
     """
     if connection.dialect.name == "postgresql":
         # Writers wait while we decide what is unreferenced, so none can start referring to a blob we
         # are about to free. (SQLite already gives this transaction the only write lock.) Blobs first:
         # every writer touches blobs before the tables that refer to them, so the order cannot deadlock.
         connection.execute(
-            text("LOCK TABLE blobs, updates, aggregates, personalized_models IN SHARE ROW EXCLUSIVE MODE")
+            text(
+                "LOCK TABLE blobs, updates, aggregates, personalized_models, mask_bases"
+                " IN SHARE ROW EXCLUSIVE MODE"
+            )
         )
     newest_first = (
         select(
@@ -39,6 +43,7 @@ def prune(connection: Connection, keep_last: int) -> int:
     )
 
     kept_elsewhere = [exists().where(Aggregate.payload_sha256 == Blob.sha256)]
+    kept_elsewhere += [exists().where(MaskBase.payload_sha256 == Blob.sha256)]
     kept_elsewhere += [exists().where(column == Blob.sha256) for column in _MODEL_FILES]
     any_update = exists().where(Update.payload_sha256 == Blob.sha256)
     kept_update = exists().where(Update.payload_sha256 == Blob.sha256, Update.round_pk.in_(kept_rounds))

@@ -2,11 +2,14 @@
 
 Plain functions over a :class:`~fedmask.storage.store.Store`: the aggregator writes a device's masks
 in the transaction that stores the update they came in (``Store.record_batch``), and reads them back
-after a restart.
+after a restart. Those rows hold no bits, only a reference to the update's payload (which carries the
+same masks, in full coding): each accepted mask is written once, which halves the bytes the ingest
+path writes. The storage layer does not decode payloads; ``aggregator.mask_books`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import zlib
 from dataclasses import dataclass
@@ -17,18 +20,23 @@ from sqlalchemy import Connection, delete, select
 from fedmask.storage import validation
 from fedmask.storage.engine import read_transaction, write_transaction
 from fedmask.storage.errors import StorageError
-from fedmask.storage.schema import Device, MaskBase, Task
+from fedmask.storage.schema import Blob, Device, MaskBase, Task
 from fedmask.storage.types import utcnow
 from fedmask.storage.validation import INT32_MAX
 
 
 @dataclass(frozen=True)
 class StoredMask:
+    """One stored base: its bits (``packed``), or the update payload they are in (``payload``, None if
+    a prune released it), by which ``digest`` checks them either way."""
+
     entry: str
     round_no: int
     num_bits: int
     digest: str  # hex
-    packed: bytes  # bit-packed, little bit order
+    packed: bytes | None  # bit-packed, little bit order
+    payload: bytes | None = None
+    payload_sha256: str | None = None
 
 
 def save_masks(
@@ -41,18 +49,19 @@ def save_masks(
     with write_transaction(store.engine) as connection:
         task = store._task(connection, task_id)
         device_pk = store._device_pk(connection, task.fleet_pk, device_id, now)
-        replace_masks(connection, task.pk, {device_pk: (round_no, masks)}, now)
+        replace_masks(connection, task.pk, {device_pk: (round_no, masks, None)}, now)
 
 
 def replace_masks(
     connection: Connection,
     task_pk: int,
-    masks: dict[int, tuple[int, dict[str, tuple[int, str, bytes]]]],
+    masks: dict[int, tuple[int, dict[str, tuple], str | None]],
     now: dt.datetime,
 ) -> None:
     """In the caller's transaction: replace the bases of each device (by row id) with its masks
-    ``(round, {entry: (bits, digest, packed)})``; how ``Store.record_batch`` writes them with the
-    updates they came in."""
+    ``(round, {entry: (bits, digest, packed)}, None)``, or with references to the stored update payload
+    that carries them, ``(round, {entry: (bits, digest)}, payload sha256)``; the latter is how
+    ``Store.record_batch`` writes them with the updates they came in."""
     connection.execute(
         delete(MaskBase).where(MaskBase.task_pk == task_pk, MaskBase.device_pk.in_(list(masks)))
     )
@@ -62,13 +71,14 @@ def replace_masks(
             "device_pk": device_pk,
             "entry": entry,
             "round_no": round_no,
-            "num_bits": num_bits,
-            "digest": digest,
-            "bits": _compress(packed),
+            "num_bits": row[0],
+            "digest": row[1],
+            "bits": None if payload_sha256 is not None else _compress(row[2]),
+            "payload_sha256": payload_sha256,
             "updated_at": now,
         }
-        for device_pk, (round_no, entries) in masks.items()
-        for entry, (num_bits, digest, packed) in entries.items()
+        for device_pk, (round_no, entries, payload_sha256) in masks.items()
+        for entry, row in entries.items()
     ]
     if rows:
         connection.execute(MaskBase.__table__.insert(), rows)
@@ -86,16 +96,28 @@ def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:
     """The device's bases (empty when it has none)."""
     with read_transaction(store.engine) as connection:
         rows = connection.execute(
-            select(MaskBase.entry, MaskBase.round_no, MaskBase.num_bits, MaskBase.digest, MaskBase.bits)
+            select(
+                MaskBase.entry,
+                MaskBase.round_no,
+                MaskBase.num_bits,
+                MaskBase.digest,
+                MaskBase.bits,
+                MaskBase.payload_sha256,
+                Blob.data,
+            )
             .join(Task, Task.id == MaskBase.task_pk)
             .join(Device, Device.id == MaskBase.device_pk)
+            .outerjoin(Blob, Blob.sha256 == MaskBase.payload_sha256)
             .where(Task.task_id == task_id, Device.device_id == device_id)
         ).all()
     out = []
     for row in rows:
-        try:
-            packed = zlib.decompress(row.bits)
-        except zlib.error as exc:
-            raise StorageError(f"mask base {row.entry!r} of {device_id!r} is corrupt ({exc})") from exc
-        out.append(StoredMask(row.entry, row.round_no, row.num_bits, row.digest, packed))
+        packed = None
+        if row.bits is not None:
+            try:
+                packed = zlib.decompress(row.bits)
+            except zlib.error as exc:
+                raise StorageError(f"mask base {row.entry!r} of {device_id!r} is corrupt ({exc})") from exc
+        base = StoredMask(row.entry, row.round_no, row.num_bits, row.digest, packed)
+        out.append(dataclasses.replace(base, payload=row.data, payload_sha256=row.payload_sha256))
     return out

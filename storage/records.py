@@ -167,8 +167,9 @@ class TaskStatus:
 @dataclass(frozen=True)
 class NewUpdate:
     """An accepted update to store (``Store.record_batch``). ``masks``: the device's mask bases that come
-    with it, ``(round, {entry: (number of bits, digest hex, packed bits)})``, written only if the update
-    is (see ``storage.mask_bases``)."""
+    with it, ``(round, {entry: (number of bits, digest hex)})``, stored only if the update is, and as
+    references to its payload, which must carry those masks in full coding (see
+    ``storage.mask_bases``)."""
 
     device_id: str
     base_round: int
@@ -177,7 +178,7 @@ class NewUpdate:
     num_samples: int
     payload: bytes = field(repr=False)
     metrics: dict[str, Any]
-    masks: tuple[int, dict[str, tuple[int, str, bytes]]] | None = field(default=None, repr=False)
+    masks: tuple[int, dict[str, tuple[int, str]]] | None = field(default=None, repr=False)
     # SHA-256 (hex) of ``payload`` when the caller has it already (the aggregator keys updates by it):
     # not computed twice. Every read checks the stored bytes against it anyway.
     payload_sha256: str | None = None

@@ -220,10 +220,17 @@ class PersonalizedModel(Base):
 
 class MaskBase(Base):
     """A device's last accepted mask per body entry: what its next update may be coded against
-    (``protocol.mask_coding``). Kept here so the aggregator decodes delta-coded masks after a restart."""
+    (``protocol.mask_coding``). Kept here so the aggregator decodes delta-coded masks after a restart.
+
+    The bits are either in the row (``bits``) or in the stored update they came in (``payload_sha256``,
+    an update payload in full coding): the ingest path writes the reference, so the mask is not
+    written twice."""
 
     __tablename__ = "mask_bases"
-    __table_args__ = (UniqueConstraint("task_pk", "device_pk", "entry"),)
+    __table_args__ = (
+        UniqueConstraint("task_pk", "device_pk", "entry"),
+        CheckConstraint("(bits IS NULL) <> (payload_sha256 IS NULL)", name="bits_or_payload"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
@@ -232,5 +239,6 @@ class MaskBase(Base):
     round_no: Mapped[int] = mapped_column(Integer)
     num_bits: Mapped[int] = mapped_column(BigInteger)
     digest: Mapped[str] = mapped_column(String(16))  # hex of protocol.mask_coding.mask_digest
-    bits: Mapped[bytes] = mapped_column(LargeBinary)  # packed (little bit order), zlib
+    bits: Mapped[bytes | None] = mapped_column(LargeBinary)  # packed (little bit order), zlib
+    payload_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     updated_at: Mapped[dt.datetime]

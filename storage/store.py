@@ -347,7 +347,11 @@ class Store:
         created = [pk in new and first[pk] == index for index, pk in enumerate(device_pks)]
         if new:
             connection.execute(hot.touch_device, [{"device_pk": pk, "now": now} for pk in new])
-        bases = {device_pks[i]: row["masks"] for i, row in enumerate(rows) if created[i] and row["masks"]}
+        bases = {
+            device_pks[i]: (*row["masks"], row["payload_sha256"])
+            for i, row in enumerate(rows)
+            if created[i] and row["masks"]
+        }
         if bases:
             mask_bases.replace_masks(connection, task.pk, bases, now)
         return created
