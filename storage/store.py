@@ -346,7 +346,7 @@ class Store:
         new = insert_updates(connection, task.pk, round_row.id, now, inserts)
         created = [pk in new and first[pk] == index for index, pk in enumerate(device_pks)]
         if new:
-            connection.execute(hot.touch_device, [{"device_pk": pk, "now": now} for pk in new])
+            connection.execute(hot.touch_devices, {"device_pks": sorted(new), "now": now})
         bases = {
             device_pks[i]: (*row["masks"], row["payload_sha256"])
             for i, row in enumerate(rows)
