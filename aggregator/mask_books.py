@@ -69,7 +69,7 @@ def _base(round_no: int, num_bits: int, packed: bytes) -> Base:
 
 def _stored_body(payload: bytes | None) -> Mapping[str, Coded] | None:
     """The body of a stored update payload (full coding, as the aggregator stores them); None when
-    the payload is gone or does not decode."""
+    the payload is gone (``load_masks`` logged why) or does not decode."""
     if payload is None:
         return None
     try:

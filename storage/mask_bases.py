@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import zlib
 from dataclasses import dataclass
 
@@ -18,17 +19,21 @@ import numpy as np
 from sqlalchemy import Connection, delete, select
 
 from fedmask.storage import validation
+from fedmask.storage.blobs import verified
 from fedmask.storage.engine import read_transaction, write_transaction
 from fedmask.storage.errors import StorageError
 from fedmask.storage.schema import Blob, Device, MaskBase, Task
 from fedmask.storage.types import utcnow
 from fedmask.storage.validation import INT32_MAX
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StoredMask:
-    """One stored base: its bits (``packed``), or the update payload they are in (``payload``, None if
-    a prune released it), by which ``digest`` checks them either way."""
+    """One stored base: its bits (``packed``), or the update payload they are in (``payload``, checked
+    against its SHA-256; None if released or corrupt, which is logged); ``digest`` checks the bits
+    either way."""
 
     entry: str
     round_no: int
@@ -118,6 +123,12 @@ def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:
                 packed = zlib.decompress(row.bits)
             except zlib.error as exc:
                 raise StorageError(f"mask base {row.entry!r} of {device_id!r} is corrupt ({exc})") from exc
+        payload = None
+        if row.payload_sha256 is not None:
+            try:
+                payload = verified(row.payload_sha256, row.data, f"mask base {row.entry!r} of {device_id!r}")
+            except StorageError as exc:  # released or corrupt: no base, the device resends in full
+                logger.error("%s", exc)
         base = StoredMask(row.entry, row.round_no, row.num_bits, row.digest, packed)
-        out.append(dataclasses.replace(base, payload=row.data, payload_sha256=row.payload_sha256))
+        out.append(dataclasses.replace(base, payload=payload, payload_sha256=row.payload_sha256))
     return out

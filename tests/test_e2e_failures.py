@@ -208,8 +208,10 @@ def test_aggregator_killed_mid_round_loses_no_update_and_counts_none_twice(
     assert sorted(m.device_id for m in store.list_models(task_id=task_id)) == everyone
     # Round 2's updates were coded against round-1 masks the first aggregator stored: the second one
     # decoded them from its store (none was refused, see above), and holds round 2's now.
+    # The bases were stored as references to the updates' payloads, as the ingest path writes them.
     for device in everyone:
-        assert {m.round_no for m in load_masks(store, task_id, device)} == {2}
+        bases = load_masks(store, task_id, device)
+        assert {(m.round_no, m.packed, m.payload is not None) for m in bases} == {(2, None, True)}
     assert all(a._last_update.body["mask"].context.prev is not None for a in agents)
     store.close()
 

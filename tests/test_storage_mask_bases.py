@@ -24,7 +24,7 @@ from fedmask.storage import Store
 from fedmask.storage.mask_bases import load_masks, save_masks
 from fedmask.storage.migrate import downgrade, upgrade
 from fedmask.storage.records import NewUpdate
-from fedmask.storage.schema import MaskBase
+from fedmask.storage.schema import Blob, MaskBase
 
 TASK = "bases-task"
 
@@ -177,6 +177,26 @@ def test_a_base_whose_payload_does_not_carry_it_is_dropped_not_used(
     with caplog.at_level(logging.WARNING, logger="fedmask.aggregator.mask_books"):
         assert StoredBases(store, TASK).device_masks("dev-1") == {}
     assert "does not match its digest" in caplog.text
+    store.close()
+
+
+def test_a_base_whose_payload_is_corrupt_is_dropped_and_named(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = registered(db_url)
+    device = DeviceBases(("bits", "mctx"))
+    mask = np.random.default_rng(5).random(5_000) < 0.5
+    payload = messages.encode(update(1, device.uplink({"mask": Coded(mask, "bits")}, 1)))
+    _stored_with_its_update(store, StoredBases(store, TASK), 1, payload)
+    assert StoredBases(store, TASK).device_masks("dev-1") != {}
+    ((_, _, sha),) = _base_rows(store)
+    with store.engine.begin() as connection:
+        connection.execute(sa_update(Blob).where(Blob.sha256 == sha).values(data=b"not the payload"))
+    with caplog.at_level(logging.ERROR, logger="fedmask.storage.mask_bases"):
+        (row,) = load_masks(store, TASK, "dev-1")
+        assert (row.packed, row.payload, row.payload_sha256) == (None, None, sha)
+        assert StoredBases(store, TASK).device_masks("dev-1") == {}
+    assert f"blob {sha} (mask base 'mask' of 'dev-1') is corrupt" in caplog.text
     store.close()
 
 
