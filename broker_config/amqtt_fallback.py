@@ -70,8 +70,17 @@ class AmqttBrokerThread:
             return
         loop, thread, broker = self._loop, self._thread, self._broker
         self._broker = self._loop = self._thread = None
+
+        async def _shutdown() -> None:
+            # Stop listening first: amqtt closes its listeners only after ending every session, and a
+            # session that did not end (seen once under load) kept the port open past our timeout.
+            for server in getattr(broker, "_servers", {}).values():
+                if server.instance is not None:
+                    server.instance.close()
+            await broker.shutdown()
+
         try:
-            asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(_shutdown(), loop).result(timeout)
         except Exception:  # a failing shutdown must not keep the loop thread alive
             logger.exception("amqtt broker shutdown failed")
         finally:
