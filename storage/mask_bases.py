@@ -9,7 +9,6 @@ path writes. The storage layer does not decode payloads; ``aggregator.mask_books
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import zlib
@@ -129,6 +128,15 @@ def load_masks(store, task_id: str, device_id: str) -> list[StoredMask]:
                 payload = verified(row.payload_sha256, row.data, f"mask base {row.entry!r} of {device_id!r}")
             except StorageError as exc:  # released or corrupt: no base, the device resends in full
                 logger.error("%s", exc)
-        base = StoredMask(row.entry, row.round_no, row.num_bits, row.digest, packed)
-        out.append(dataclasses.replace(base, payload=payload, payload_sha256=row.payload_sha256))
+        out.append(
+            StoredMask(
+                row.entry,
+                row.round_no,
+                row.num_bits,
+                row.digest,
+                packed,
+                payload=payload,
+                payload_sha256=row.payload_sha256,
+            )
+        )
     return out

@@ -99,8 +99,10 @@ def _stored_with_its_update(store: Store, books: StoredBases, round_no: int, pay
     """What the aggregator does with an accepted update: its masks go to the store with it, as
     references to its payload (``Store.record_batch``), and become the device's bases."""
     received = messages.decode(payload, messages.Update, bases=books.uplink_bases("dev-1"))
-    stored = payload if all(c.context is None for c in received.body.values()) else None
-    if stored is None:  # stored in full coding, as the service does
+    stored = payload
+    if any(
+        c.context is not None for c in received.body.values()
+    ):  # stored in full coding, as the service does
         stored = messages.encode(dataclasses.replace(received, body=plain(received.body)))
     rows = books.mask_rows(round_no, received.body)
     assert rows is not None
@@ -118,6 +120,17 @@ def _stored_with_its_update(store: Store, books: StoredBases, round_no: int, pay
     books.accept("dev-1", round_no, received.body, stored=True, rows=rows)
 
 
+def _first_base(store: Store, seed: int, size: int) -> tuple[DeviceBases, np.ndarray, np.random.Generator]:
+    """dev-1's first update (a random mask of ``size`` bits) accepted and stored with its base."""
+    rng = np.random.default_rng(seed)
+    device = DeviceBases(("bits", "mctx"))
+    mask = rng.random(size) < 0.6
+    payload = messages.encode(update(1, device.uplink({"mask": Coded(mask, "bits")}, 1)))
+    _stored_with_its_update(store, StoredBases(store, TASK), 1, payload)
+    device.confirm(1)
+    return device, mask, rng
+
+
 def _base_rows(store: Store) -> list[tuple[int, bytes | None, str | None]]:
     with store.engine.connect() as connection:
         return [
@@ -128,12 +141,7 @@ def _base_rows(store: Store) -> list[tuple[int, bytes | None, str | None]]:
 
 def test_bases_stored_with_their_update_point_at_it_survive_restart_and_prune(db_url: str) -> None:
     store = registered(db_url)
-    rng = np.random.default_rng(2)
-    device = DeviceBases(("bits", "mctx"))
-    mask = rng.random(20_000) < 0.7
-    first = messages.encode(update(1, device.uplink({"mask": Coded(mask, "bits")}, 1)))
-    _stored_with_its_update(store, StoredBases(store, TASK), 1, first)
-    device.confirm(1)
+    device, mask, rng = _first_base(store, seed=2, size=20_000)
     # The bits are written once: in the update's stored payload, which the base row points at.
     (stored,) = store.accepted_updates(TASK, 1)
     assert _base_rows(store) == [(1, None, hashlib.sha256(stored.payload).hexdigest())]
@@ -167,11 +175,7 @@ def test_a_base_whose_payload_does_not_carry_it_is_dropped_not_used(
     """A reference that does not hold the digest's bits (a bug, or a hand-edited store) is a missing
     base, so the device resends in full; never a wrong base."""
     store = registered(db_url)
-    rng = np.random.default_rng(3)
-    device = DeviceBases(("bits", "mctx"))
-    mask = rng.random(5_000) < 0.5
-    payload = messages.encode(update(1, device.uplink({"mask": Coded(mask, "bits")}, 1)))
-    _stored_with_its_update(store, StoredBases(store, TASK), 1, payload)
+    _first_base(store, seed=3, size=5_000)
     with store.engine.begin() as connection:
         connection.execute(sa_update(MaskBase).values(digest="0" * 16))
     with caplog.at_level(logging.WARNING, logger="fedmask.aggregator.mask_books"):
@@ -184,10 +188,7 @@ def test_a_base_whose_payload_is_corrupt_is_dropped_and_named(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = registered(db_url)
-    device = DeviceBases(("bits", "mctx"))
-    mask = np.random.default_rng(5).random(5_000) < 0.5
-    payload = messages.encode(update(1, device.uplink({"mask": Coded(mask, "bits")}, 1)))
-    _stored_with_its_update(store, StoredBases(store, TASK), 1, payload)
+    _first_base(store, seed=5, size=5_000)
     assert StoredBases(store, TASK).device_masks("dev-1") != {}
     ((_, _, sha),) = _base_rows(store)
     with store.engine.begin() as connection:
