@@ -6,7 +6,9 @@ where the test kills them, and in this process (threads) otherwise. Training is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,20 @@ def _stop(tickets: TrainingTickets, *services) -> None:
     tickets.shut()  # agents waiting for a ticket give up instead of training
     for service in services:
         service.stop()
+
+
+@contextlib.contextmanager
+def deadlines_held(aggregator: AggregatorService):
+    """The in-process aggregator's clock stands still meanwhile, so no deadline passes: a round closes on
+    its quorum however long the granted trainings take (one at a time). Otherwise a deadline, extended
+    every few seconds while a round lacks ``min_updates``, could fall between two devices' updates and
+    close the round with fewer (seen once in CI)."""
+    frozen = time.time()
+    aggregator.manager.clock = lambda: frozen
+    try:
+        yield
+    finally:
+        aggregator.manager.clock = time.time
 
 
 def test_agent_killed_mid_round_goes_offline_and_catches_up_after_restart(
@@ -103,8 +119,9 @@ def test_agent_killed_mid_round_goes_offline_and_catches_up_after_restart(
         poll(lambda: presence(store, FLEET, crashing.device_id) == "offline", 10, "offline in the store")
         assert round_state(store, task.task_id, 1) == "open"
 
-        tickets.grant(2)  # round 1 closes on quorum: the dead device's update still counts
-        poll(lambda: round_state(store, task.task_id, 1) == "closed", 30, "round 1 closed")
+        with deadlines_held(aggregator):  # round 1 closes on quorum: the dead device's update counts
+            tickets.grant(2)
+            poll(lambda: round_state(store, task.task_id, 1) == "closed", 30, "round 1 closed")
         poll(lambda: round_state(store, task.task_id, 2) == "open", 10, "round 2 open")
         tickets.grant(2)  # round 2: only two devices alive, so the deadline closes it
         poll(lambda: round_state(store, task.task_id, 2) == "closed", 30, "round 2 closed")
@@ -113,8 +130,9 @@ def test_agent_killed_mid_round_goes_offline_and_catches_up_after_restart(
         poll(lambda: crashing.device_id in accepted_devices(store, task.task_id, 3), 90, "its round-3 update")
         restarted.wait_for_log(f"resuming task {task.task_id} after round 1", 10)
         assert presence(store, FLEET, crashing.device_id) == "online"
-        tickets.grant(2)
-        poll(lambda: round_state(store, task.task_id, 3) == "closed", 30, "round 3 closed")
+        with deadlines_held(aggregator):
+            tickets.grant(2)
+            poll(lambda: round_state(store, task.task_id, 3) == "closed", 30, "round 3 closed")
     finally:
         watcher.close()
         _stop(tickets, aggregator, *agents)
