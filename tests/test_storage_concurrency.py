@@ -68,13 +68,16 @@ def open_round(store: Store) -> Store:
 
 
 def test_aggregator_and_query_cli_write_at_once(store_url: str, open_round: Store) -> None:
-    updates = 60
+    updates = 120
+    commands = (["db", "prune", "--keep", "1"], ["rounds", "--json"], ["round", "1", "--task", TASK])
+    for argv in commands:  # imports done before the child starts: the loop below overlaps its writes
+        assert fedmask_main([*argv, "--db", store_url]) == 0
     child = start_aggregator(store_url, updates)
     overlapping_writes = 0
     cli_failures: list[tuple[list[str], int]] = []
     while child.poll() is None:
         # The operator's side: the CLI prunes (a write) and queries while the aggregator ingests.
-        for argv in (["db", "prune", "--keep", "1"], ["rounds", "--json"], ["round", "1", "--task", TASK]):
+        for argv in commands:
             if code := fedmask_main([*argv, "--db", store_url]):
                 cli_failures.append((argv, code))
         open_round.record_rejection(
